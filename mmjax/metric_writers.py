@@ -1,0 +1,120 @@
+"""Run logs: config.json, metrics.jsonl, TensorBoard events, progress, MFU.
+
+(Named `metric_writers` rather than `logging` so that it never shadows the
+standard library's `logging` module.)
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+from tensorboardX import SummaryWriter
+
+# Peak dense FLOP/s per device, for MFU. CPU: fp32 matrix multiply measured
+# on the 2-core development machine (AVX-512), for the whole host; the
+# accelerator figures are the vendors' dense bf16 peaks.
+PEAK_FLOPS = {
+    "cpu": 185e9,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def peak_flops(override: float = 0.0) -> float:
+  """Peak FLOP/s of all devices together (`override` if non-zero)."""
+  if override:
+    return override
+  devices = jax.devices()
+  if devices[0].platform == "cpu":
+    return PEAK_FLOPS["cpu"]
+  return PEAK_FLOPS.get(devices[0].device_kind, float("nan")) * len(devices)
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled jax function, from XLA's cost analysis,
+  summed over the devices it runs on."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  flops = float((analysis or {}).get("flops", float("nan")))
+  return flops * max(1, len(compiled.input_shardings[0][0].device_set)
+                     if compiled.input_shardings[0] else 1)
+
+
+def _jsonable(value):
+  return value.item() if hasattr(value, "item") else value
+
+
+class MetricWriter:
+  """Writes metric rows to metrics.jsonl and TensorBoard, and shows progress.
+
+  On a terminal, a progress bar with ETA; otherwise one plain line per logged
+  row. `resume(step)` drops rows logged after `step` by a run that stopped
+  before checkpointing them, so a resumed run's log has no duplicates.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, config_dict: dict | None = None):
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.main = jax.process_index() == 0
+    self.total_steps = total_steps
+    self._bar = None
+    if not self.main:
+      return
+    if config_dict is not None:
+      (self.workdir / "config.json").write_text(
+          json.dumps(config_dict, indent=2) + "\n")
+    self._path = self.workdir / "metrics.jsonl"
+    self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    if sys.stderr.isatty():
+      import tqdm
+      self._bar = tqdm.tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+  def resume(self, step: int):
+    """Keeps only rows up to `step` and moves the progress bar there."""
+    if not self.main:
+      return
+    if self._path.exists():
+      rows = [line for line in self._path.read_text().splitlines()
+              if line and json.loads(line)["step"] <= step]
+      self._path.write_text("".join(r + "\n" for r in rows))
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+
+  def write(self, step: int, metrics: dict):
+    if not self.main:
+      return
+    row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+    with self._path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    for key, value in row.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in row.items() if k != "step")
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix_str(text[:120], refresh=True)
+    else:
+      print(f"[{time.strftime('%H:%M:%S')}] step {step}/{self.total_steps} "
+            f"{text}", flush=True)
+
+  def info(self, text: str):
+    """A plain message that does not break the progress bar."""
+    if not self.main:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self):
+    if self.main:
+      self._tb.close()
+      if self._bar is not None:
+        self._bar.close()

@@ -1,0 +1,1 @@
+"""Models: per-modality encoders, fusion modules, heads and the multimodal model."""

@@ -1,0 +1,102 @@
+"""The audio front end, computed in JAX: waveform -> STFT -> mel -> log.
+
+The formulas follow librosa's conventions (McFee et al., "librosa: Audio and
+Music Signal Analysis in Python", SciPy 2015): `melspectrogram` with a periodic
+Hann window, centred frames, power 2 and Slaney-normalised mel filters on the
+Slaney mel scale; `power_to_db` with ref=1, amin=1e-10 and `top_db` clipping.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+def hz_to_mel(freqs):
+  """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+  freqs = np.asarray(freqs, dtype=np.float64)
+  f_sp = 200.0 / 3
+  mels = freqs / f_sp
+  min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
+  return np.where(freqs >= min_log_hz,
+                  min_log_mel + np.log(np.maximum(freqs, 1e-10) / min_log_hz)
+                  / logstep, mels)
+
+
+def mel_to_hz(mels):
+  """Inverse of `hz_to_mel`."""
+  mels = np.asarray(mels, dtype=np.float64)
+  f_sp = 200.0 / 3
+  min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
+  return np.where(mels >= min_log_mel,
+                  min_log_hz * np.exp(logstep * (mels - min_log_mel)),
+                  f_sp * mels)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float,
+                   fmax: float) -> np.ndarray:
+  """Slaney-normalised triangular filters, [n_mels, n_fft // 2 + 1]."""
+  fft_freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+  mel_points = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax),
+                                     n_mels + 2))
+  widths = np.diff(mel_points)
+  ramps = mel_points[:, None] - fft_freqs[None, :]
+  lower = -ramps[:-2] / widths[:-1, None]
+  upper = ramps[2:] / widths[1:, None]
+  weights = np.maximum(0, np.minimum(lower, upper))
+  weights *= (2.0 / (mel_points[2:n_mels + 2] - mel_points[:n_mels]))[:, None]
+  return weights.astype(np.float32)
+
+
+def dct_matrix(n_mfcc: int, n_mels: int) -> np.ndarray:
+  """Orthonormal DCT-II, [n_mfcc, n_mels] (scipy's `dct(type=2, norm='ortho')`)."""
+  k = np.arange(n_mfcc)[:, None]
+  n = np.arange(n_mels)[None, :]
+  basis = np.cos(np.pi * k * (2 * n + 1) / (2 * n_mels)) * np.sqrt(2.0 / n_mels)
+  basis[0] /= np.sqrt(2.0)
+  return basis.astype(np.float32)
+
+
+class LogMelSpectrogram(nn.Module):
+  """Waveform [B, T] -> log-mel spectrogram [B, n_mels, frames] in dB.
+
+  With `n_mfcc > 0` returns MFCCs [B, n_mfcc, frames] instead (DCT-II of the
+  log-mel spectrogram, librosa's `mfcc`). Integer input is read as 16-bit PCM
+  and scaled to [-1, 1). Frames = 1 + T // hop_length with `center=True`.
+  """
+  sample_rate: int = 8000
+  n_fft: int = 256
+  hop_length: int = 64
+  n_mels: int = 64
+  fmin: float = 0.0
+  fmax: float | None = None
+  center: bool = True
+  top_db: float | None = 80.0
+  n_mfcc: int = 0
+
+  @nn.compact
+  def __call__(self, waveform: jnp.ndarray) -> jnp.ndarray:
+    if jnp.issubdtype(waveform.dtype, jnp.integer):
+      waveform = waveform.astype(jnp.float32) / 32768.0
+    if self.center:
+      pad = self.n_fft // 2
+      waveform = jnp.pad(waveform, ((0, 0), (pad, pad)))
+    num_frames = 1 + (waveform.shape[-1] - self.n_fft) // self.hop_length
+    index = (np.arange(num_frames)[:, None] * self.hop_length
+             + np.arange(self.n_fft)[None, :])
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.n_fft) / self.n_fft)
+    frames = waveform[:, index] * window.astype(np.float32)  # [B, frames, n_fft]
+    power = jnp.abs(jnp.fft.rfft(frames, axis=-1)) ** 2
+    filters = mel_filterbank(self.sample_rate, self.n_fft, self.n_mels,
+                             self.fmin, self.fmax or self.sample_rate / 2)
+    mel = jnp.einsum("bfk,mk->bmf", power, filters)
+    log_mel = 10.0 * jnp.log10(jnp.maximum(mel, 1e-10))
+    if self.top_db is not None:
+      log_mel = jnp.maximum(
+          log_mel, jnp.max(log_mel, axis=(1, 2), keepdims=True) - self.top_db)
+    if self.n_mfcc:
+      return jnp.einsum("cm,bmf->bcf", dct_matrix(self.n_mfcc, self.n_mels),
+                        log_mel)
+    return log_mel
+
+
+FRONTENDS = {"logmel": LogMelSpectrogram}

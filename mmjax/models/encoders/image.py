@@ -1,0 +1,41 @@
+"""Convolutional encoders for images and spectrogram images."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class LeNet(nn.Module):
+  """The LeNet-style encoder of the MultiBench AV-MNIST recipes.
+
+  Liang et al., "MultiBench: Multiscale Benchmarks for Multimodal Representation
+  Learning", NeurIPS 2021 Datasets and Benchmarks (`unimodals/common_models.py`,
+  `LeNet(in_channels, args_channels, additional_layers)`):
+  a 5x5 convolution with `features` channels, then `extra_layers` 3x3
+  convolutions that double the channels; every convolution is bias-free and
+  followed by BatchNorm, ReLU and 2x2 max pooling. The image recipe is
+  `LeNet(features=6, extra_layers=3)` (28x28 -> [B, 48]); the spectrogram recipe
+  `LeNet(features=6, extra_layers=5)` (112x112 -> [B, 192]).
+
+  Input [B, H, W] or [B, H, W, C]; output [B, features * 2**extra_layers]. Where
+  spatial positions remain after the last pooling they are averaged (MultiBench
+  squeezes a 1x1 map, which the average equals).
+  """
+  features: int = 6
+  extra_layers: int = 3
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    if x.ndim == 3:
+      x = x[..., None]
+    for i in range(self.extra_layers + 1):
+      size = 5 if i == 0 else 3
+      x = nn.Conv(self.features * 2**i, (size, size), padding="SAME",
+                  use_bias=False, name=f"conv_{i}")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       name=f"bn_{i}")(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    if x.shape[1] == 0 or x.shape[2] == 0:
+      raise ValueError(f"LeNet with {self.extra_layers + 1} poolings needs an "
+                       f"input of at least {2**(self.extra_layers + 1)} pixels "
+                       "per side")
+    return jnp.mean(x, axis=(1, 2))

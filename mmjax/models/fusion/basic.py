@@ -1,0 +1,90 @@
+"""Feature-level fusions: unimodal selection, concatenation, late, weighted sum."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.layers import MLP, masked_mean
+
+
+def _zero_masked(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  """x [B, ...] with rows whose mask [B] is False set to zero."""
+  return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, 0)
+
+
+class Unimodal(nn.Module):
+  """A unimodal baseline: passes one modality's features [B, D] on unchanged.
+
+  The model builds only that modality's encoder. A masked example gives zeros.
+  """
+  modality: str
+
+  @nn.compact
+  def __call__(self, features, masks, *, train: bool = False):
+    del train
+    return _zero_masked(features[self.modality], masks[self.modality])
+
+
+class ConcatFusion(nn.Module):
+  """Intermediate fusion by concatenation: [B, sum_m D_m].
+
+  Features of a masked modality are replaced by zeros, so they contribute
+  nothing to the head (Baltrusaitis et al., "Multimodal Machine Learning: A
+  Survey and Taxonomy", TPAMI 2019, model-agnostic intermediate fusion).
+  Modalities are concatenated in sorted name order.
+  """
+
+  @nn.compact
+  def __call__(self, features, masks, *, train: bool = False):
+    del train
+    return jnp.concatenate(
+        [_zero_masked(features[m], masks[m]) for m in sorted(features)], -1)
+
+
+class WeightedFusion(nn.Module):
+  """Learned weighted sum of per-modality projections: [B, dim].
+
+  Each modality is projected to `dim` by its own Dense layer; the projections
+  are summed with weights softmax(w) over the modalities present in each
+  example, where w is one learned scalar per modality (initialised equal).
+  """
+  dim: int = 128
+
+  @nn.compact
+  def __call__(self, features, masks, *, train: bool = False):
+    del train
+    names = sorted(features)
+    projected = jnp.stack(
+        [nn.Dense(self.dim, name=f"proj_{m}")(features[m]) for m in names], 1)
+    logits = self.param("modality_logits", nn.initializers.zeros, (len(names),))
+    present = jnp.stack([masks[m] for m in names], 1)  # [B, M]
+    scores = jnp.exp(logits - jnp.max(logits)) * present
+    weights = scores / jnp.maximum(jnp.sum(scores, 1, keepdims=True), 1e-9)
+    return jnp.einsum("bm,bmd->bd", weights, projected)
+
+
+class LateFusion(nn.Module):
+  """Late fusion: the mean of per-modality logits over the present modalities.
+
+  Each modality has its own MLP head (hidden widths `hidden`, then
+  `num_classes`); the fused logits average the heads of the modalities present
+  in each example (renormalised over them). The per-modality logits are also
+  sown into the `intermediates` collection as `modality_logits`, stacked
+  [B, M, num_classes] in sorted modality order, for majority voting at eval.
+  """
+  num_classes: int
+  hidden: Sequence[int] = (100,)
+  returns_logits = True
+
+  @nn.compact
+  def __call__(self, features, masks, *, train: bool = False):
+    del train
+    names = sorted(features)
+    logits = jnp.stack([
+        MLP((*self.hidden, self.num_classes), name=f"head_{m}")(features[m])
+        for m in names], 1)
+    present = jnp.stack([masks[m] for m in names], 1)
+    self.sow("intermediates", "modality_logits", logits)
+    self.sow("intermediates", "modality_present", present)
+    return masked_mean(logits, present)

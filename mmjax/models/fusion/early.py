@@ -1,0 +1,39 @@
+"""Early fusion: low-level inputs joined into one network."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.encoders import ENCODERS
+
+
+class EarlyFusion(nn.Module):
+  """Early fusion: the modalities' inputs stacked as channels of one image.
+
+  Each modality's low-level input ([B, H_m, W_m] or [B, H_m, W_m, C_m], e.g. a
+  28x28 digit and a 112x112 spectrogram) is bilinearly resized to the largest
+  height and width among them, zeroed where the modality is masked, and the
+  results are concatenated along channels (sorted modality order) into one
+  [B, H, W, sum_m C_m] input for a single encoder (`encoder`, e.g. LeNet), whose
+  output [B, D] is the fused representation. This is the "early" end of the
+  early-to-late spectrum (Baltrusaitis et al., TPAMI 2019).
+  """
+  encoder: dict
+  takes_inputs = True
+
+  @nn.compact
+  def __call__(self, inputs, masks, *, train: bool = False):
+    names = sorted(inputs)
+    images = [x if x.ndim == 4 else x[..., None] for x in
+              (inputs[m].astype(jnp.float32) for m in names)]
+    height = max(x.shape[1] for x in images)
+    width = max(x.shape[2] for x in images)
+    stacked = []
+    for name, x in zip(names, images):
+      if x.shape[1:3] != (height, width):
+        x = jax.image.resize(x, (x.shape[0], height, width, x.shape[3]),
+                             "bilinear")
+      stacked.append(jnp.where(masks[name][:, None, None, None], x, 0))
+    kwargs = {k: v for k, v in self.encoder.items() if k != "name"}
+    net = ENCODERS[self.encoder["name"]](name="encoder", **kwargs)
+    return net(jnp.concatenate(stacked, -1), train=train)

@@ -1,0 +1,33 @@
+"""mmjax: multimodal deep learning research in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Multimodal deep learning in JAX/Flax: encoders, fusion, "
+                "supervised and contrastive training.",
+    packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-datasets>=4.9.7,<4.10",
+        "array_record>=0.7,<0.9",
+        "grain>=0.2.10,<0.3",
+        "einops>=0.8,<0.9",
+        "ml_collections>=1.0,<2",
+        "absl-py>=2,<3",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "soundfile>=0.12,<0.15",
+        "tensorboardX>=2.6,<3",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "cuda": ["jax[cuda12]>=0.6,<0.11"],
+    },
+)
