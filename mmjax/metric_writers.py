@@ -34,15 +34,16 @@ def peak_flops(override: float = 0.0) -> float:
   return PEAK_FLOPS.get(devices[0].device_kind, float("nan")) * len(devices)
 
 
-def compiled_flops(compiled) -> float:
-  """FLOPs of one call of a compiled jax function, from XLA's cost analysis,
-  summed over the devices it runs on."""
+def compiled_flops(compiled, num_devices: int) -> float:
+  """FLOPs of one call of a compiled jax function over all `num_devices`.
+
+  XLA's cost analysis of an SPMD-partitioned program counts one device's
+  share, so it is multiplied by the number of devices.
+  """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  flops = float((analysis or {}).get("flops", float("nan")))
-  return flops * max(1, len(compiled.input_shardings[0][0].device_set)
-                     if compiled.input_shardings[0] else 1)
+  return float((analysis or {}).get("flops", float("nan"))) * num_devices
 
 
 def _jsonable(value):

@@ -1,0 +1,363 @@
+"""Trains a model from a config: `python -m mmjax.train`.
+
+  python -m mmjax.train --config configs/avmnist.py[:ARGS] --workdir DIR \
+      [--config.KEY=VALUE ...]
+
+Running the same command again resumes from the latest checkpoint in
+DIR/checkpoints: parameters, optimizer state, RNG, step and the data
+iterator's position, so an interrupted run ends bit-identical to an
+uninterrupted one. Writes DIR/config.json, DIR/metrics.jsonl and TensorBoard
+events under DIR/tensorboard. Bad input prints one `error: ...` line and exits
+with status 2; a non-finite loss stops the run (status 1) and keeps the last
+good checkpoint.
+"""
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmjax import checkpoint, configs, evaluators, metric_writers, objectives
+from mmjax import parallel
+from mmjax.data import builders, pipeline
+from mmjax.errors import UsageError
+from mmjax.models.encoders import ENCODERS, FRONTENDS
+from mmjax.models.fusion import FUSIONS
+from mmjax.models.multimodal import MultimodalClassifier
+
+USAGE = ("usage: python -m mmjax.{prog} --config configs/X.py[:ARGS] "
+         "--workdir DIR [--config.KEY=VALUE ...]")
+
+
+class Diverged(Exception):
+  """The loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; saved whole in every checkpoint."""
+  step: jnp.ndarray  # int32 scalar: steps completed
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+  rng: jnp.ndarray  # uint32[2], the run's base key; step keys fold in `step`
+  nonfinite_step: jnp.ndarray  # int32: first step with a non-finite loss, or -1
+
+
+# ----------------------------------------------------------------- config ---
+
+
+def parse_command_line(argv: Sequence[str], prog: str = "train"):
+  """argv (without the program) -> (locked config, workdir)."""
+  spec = workdir = None
+  overrides = []
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    name, eq, value = arg.partition("=")
+    if name in ("--config", "--workdir") and not eq:
+      if not args:
+        raise UsageError(f"{name} needs a value; {USAGE.format(prog=prog)}")
+      value = args.pop(0)
+    if name == "--config":
+      spec = value
+    elif name == "--workdir":
+      workdir = value
+    elif name.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      raise UsageError(f"unknown argument '{arg}'; {USAGE.format(prog=prog)}")
+  if not spec or not workdir:
+    raise UsageError(USAGE.format(prog=prog))
+  config = configs.apply_overrides(configs.load_config(spec), overrides)
+  check_config(config)
+  return config, workdir
+
+
+def check_config(config):
+  """Fails at config time on any unknown name, listing the known ones."""
+  name = config.dataset.split("/")[0]
+  configs.check_choice("dataset", name, builders.BUILDERS)
+  configs.check_choice("model.fusion", config.model.fusion, FUSIONS)
+  configs.check_choice("objective", config.objective, objectives.OBJECTIVES)
+  configs.check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+  configs.check_choice("optimizer.schedule", config.optimizer.schedule,
+                       SCHEDULES)
+  configs.check_choice("sharding", config.sharding, parallel.STRATEGIES)
+  for modality in config.modalities:
+    if modality not in config.model.encoders:
+      raise UsageError(f"config key 'model.encoders' has no encoder for "
+                       f"modality '{modality}'")
+  for modality, spec in config.model.encoders.items():
+    configs.check_choice(f"model.encoders.{modality}.name", spec["name"],
+                         ENCODERS)
+    if spec.get("frontend"):
+      configs.check_choice(f"model.encoders.{modality}.frontend.name",
+                           spec["frontend"]["name"], FRONTENDS)
+  for key in ("batch_size", "total_steps", "log_every", "eval_every",
+              "checkpoint_every", "eval_batch_size"):
+    if config[key] <= 0:
+      raise UsageError(f"config key '{key}' must be positive, "
+                       f"got {config[key]}")
+  if not 0 <= config.optimizer.warmup_steps < config.total_steps:
+    raise UsageError(f"config key 'optimizer.warmup_steps' "
+                     f"({config.optimizer.warmup_steps}) must be below "
+                     f"total_steps ({config.total_steps})")
+
+
+# ------------------------------------------------------ model & optimizer ---
+
+
+def build_model(config) -> MultimodalClassifier:
+  return MultimodalClassifier(
+      modalities=tuple(config.modalities),
+      encoders=configs.to_dict(config.model.encoders),
+      fusion=config.model.fusion,
+      num_classes=config.model.num_classes,
+      head_hidden=tuple(config.model.head_hidden),
+      fusion_kwargs=configs.to_dict(config.model.fusion_kwargs))
+
+
+SCHEDULES = {
+    "cosine": lambda lr, warmup, total: optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, total, end_value=0.0),
+    "constant": lambda lr, warmup, total: optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+        [warmup]),
+}
+
+OPTIMIZERS = {
+    "adamw": lambda schedule, c: optax.adamw(schedule,
+                                             weight_decay=c.weight_decay),
+    "sgd": lambda schedule, c: optax.chain(
+        optax.add_decayed_weights(c.weight_decay),
+        optax.sgd(schedule, momentum=c.momentum or None)),
+}
+
+
+def build_optimizer(config):
+  """(optax transformation, learning-rate schedule) from `config.optimizer`."""
+  c = config.optimizer
+  schedule = SCHEDULES[c.schedule](c.learning_rate, c.warmup_steps,
+                                   config.total_steps)
+  tx = OPTIMIZERS[c.name](schedule, c)
+  if c.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+  return tx, schedule
+
+
+def example_batch_spec(source, config, batch_size: int) -> dict:
+  """ShapeDtypeStructs of one batch, read off the first example."""
+  example = pipeline.Preprocess(tuple(config.modalities),
+                                config.audio_length).map(source[0])
+  return {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v),
+                                  np.asarray(v).dtype)
+          for k, v in example.items()}
+
+
+def create_train_state(config, model, tx, batch_spec, mesh):
+  """Shape-first initialisation: (state, state shardings).
+
+  The state's shapes come from `jax.eval_shape`, its shardings from them, and
+  the jitted initialiser writes each array straight into its sharding.
+  """
+  def init(rng):
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+    variables = model.init({"params": rng, "dropout": rng}, batch, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=rng,
+                      nonfinite_step=jnp.full((), -1, jnp.int32))
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = parallel.state_shardings(abstract, mesh, config.sharding)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+# ------------------------------------------------------------------ steps ---
+
+
+def make_train_step(model, tx, objective):
+  """The one train step: (state, batch) -> (state, metrics)."""
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, batch,
+          train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+      loss, metrics = objective(logits, batch)
+      return loss, (metrics, updates.get("batch_stats", {}))
+
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics["loss"])
+    nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite,
+                               state.step + 1, state.nonfinite_step)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return state.replace(step=state.step + 1, params=params,
+                         batch_stats=batch_stats, opt_state=opt_state,
+                         nonfinite_step=nonfinite_step), metrics
+
+  return train_step
+
+
+def make_predict_fn(model):
+  """(state, batch) -> {"logits", and for late fusion "modality_logits",
+  "modality_present"}."""
+  def predict(state: TrainState, batch: dict) -> dict:
+    logits, extra = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch,
+        train=False, mutable=["intermediates"])
+    out = {"logits": logits}
+    sown = extra.get("intermediates", {}).get("fusion", {})
+    for key in ("modality_logits", "modality_present"):
+      if key in sown:
+        out[key] = sown[key][0]
+    return out
+  return jax.jit(predict)
+
+
+def evaluate_splits(config, predict, state, sources: dict, mesh) -> dict:
+  """`eval/<split>/<metric>` for every eval split."""
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  results = {}
+  for split, source in sources.items():
+    batches = pipeline.eval_batches(source, config, config.eval_batch_size,
+                                    parallel.batch_sharding(mesh),
+                                    jax.process_index(), jax.process_count())
+    for name, value in evaluators.classification(
+        lambda batch: predict(state, batch), batches):
+      results[f"eval/{split}/{name}"] = float(value)
+  return results
+
+
+# ------------------------------------------------------------------- loop ---
+
+
+def train(config, workdir: str, start_time: float | None = None) -> TrainState:
+  """Trains (or resumes) the run in `workdir`; returns the final state."""
+  start_time = start_time or time.time()
+  mesh = parallel.make_mesh(config.mesh_devices)
+  parallel.check_batch_size(config.batch_size, mesh)
+  train_source = pipeline.data_source(config, config.train_split)
+  eval_sources = {s: pipeline.data_source(config, s)
+                  for s in config.eval_splits}
+  data = pipeline.TrainIterator(train_source, config,
+                                parallel.batch_sharding(mesh),
+                                jax.process_index(), jax.process_count())
+
+  model = build_model(config)
+  tx, schedule = build_optimizer(config)
+  batch_spec = example_batch_spec(train_source, config, config.batch_size)
+  state, shardings = create_train_state(config, model, tx, batch_spec, mesh)
+
+  writer = metric_writers.MetricWriter(workdir, config.total_steps,
+                                       configs.to_dict(config))
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state)
+    data.set_state(data_state)
+    writer.resume(int(state.step))
+    writer.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
+
+  batch_sharding = parallel.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(model, tx,
+                                    objectives.OBJECTIVES[config.objective]),
+                    in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, None), donate_argnums=(0,))
+  first_batch = next(data)
+  compiled = step_fn.lower(state, first_batch).compile()
+  flops_per_step = metric_writers.compiled_flops(compiled, mesh.size)
+  peak = metric_writers.peak_flops(config.peak_flops)
+  predict = make_predict_fn(model)
+
+  step = int(state.step)
+  first_step = step
+  batch, accumulated = first_batch, None  # first_batch compiled the step
+  interval_start, interval_steps = time.time(), 0
+  try:
+    while step < config.total_steps:
+      if batch is None:
+        batch = next(data)
+      state, metrics = compiled(state, batch)
+      batch = None
+      step += 1
+      interval_steps += 1
+      accumulated = metrics if accumulated is None else jax.tree.map(
+          jnp.add, accumulated, metrics)
+      if step == first_step + 1:
+        jax.block_until_ready(state)
+        writer.info(f"first step done {time.time() - start_time:.1f}s after "
+                    f"start ({flops_per_step / config.batch_size / 1e6:.1f} "
+                    "MFLOP per example per train step)")
+        interval_start, interval_steps, accumulated = time.time(), 0, None
+      done = step == config.total_steps
+      if (step % config.log_every == 0 or done) and interval_steps:
+        check_finite(state)
+        elapsed = time.time() - interval_start
+        row = {f"train/{k}": float(v) / interval_steps
+               for k, v in jax.device_get(accumulated).items()}
+        row["learning_rate"] = float(schedule(step))
+        row["steps_per_sec"] = interval_steps / elapsed
+        row["examples_per_sec"] = interval_steps * config.batch_size / elapsed
+        row["mfu"] = flops_per_step * interval_steps / elapsed / peak
+        writer.write(step, row)
+        interval_start, interval_steps, accumulated = time.time(), 0, None
+      if step % config.eval_every == 0 or done:
+        check_finite(state)
+        writer.write(step, evaluate_splits(config, predict, state,
+                                           eval_sources, mesh))
+        interval_start = time.time()
+      if step % config.checkpoint_every == 0 or done:
+        check_finite(state)
+        ckpt.save(step, state, data.get_state())
+  except KeyboardInterrupt:
+    ckpt.wait()
+    writer.info(f"interrupted at step {step}; the latest checkpoint is step "
+                f"{ckpt.latest_step()}")
+    raise
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def check_finite(state: TrainState):
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    raise Diverged(f"non-finite loss at step {bad}; training stopped")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "train") -> int:
+  start_time = time.time()
+  try:
+    config, workdir = parse_command_line(
+        sys.argv[1:] if argv is None else argv, prog)
+    train(config, workdir, start_time)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except Diverged as e:
+    print(f"error: {e}; the last good checkpoint is kept in {workdir}",
+          file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
