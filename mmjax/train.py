@@ -205,7 +205,7 @@ def make_train_step(model, tx, objective):
     finite = jnp.isfinite(metrics["loss"])
     nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite,
                                state.step + 1, state.nonfinite_step)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params,
                          batch_stats=batch_stats, opt_state=opt_state,
                          nonfinite_step=nonfinite_step), metrics

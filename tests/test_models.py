@@ -1,0 +1,118 @@
+"""Encoders, fusions and the multimodal model: shapes, masks, gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.evaluators.classification import majority_vote
+from mmjax.models.encoders import LeNet
+from mmjax.models.fusion import FUSIONS
+from mmjax.models.multimodal import MultimodalClassifier
+
+ENCODERS = {"image": {"name": "lenet", "features": 4, "extra_layers": 3},
+            "audio": {"name": "lenet", "features": 4, "extra_layers": 5}}
+
+
+def make_batch(b=4, seed=0, audio_present=True):
+  rng = np.random.default_rng(seed)
+  return {
+      "image": rng.integers(0, 255, (b, 28, 28, 1), dtype=np.uint8),
+      "audio": rng.integers(0, 255, (b, 112, 112, 1), dtype=np.uint8),
+      "mask/image": np.ones(b, bool),
+      "mask/audio": np.full(b, audio_present),
+      "label": rng.integers(0, 10, b).astype(np.int32),
+  }
+
+
+def make_model(fusion):
+  kwargs = {"encoder": ENCODERS["audio"]} if fusion == "early" else None
+  return MultimodalClassifier(modalities=("image", "audio"), encoders=ENCODERS,
+                              fusion=fusion, num_classes=10,
+                              fusion_kwargs=kwargs)
+
+
+def test_lenet_recipe_shapes():
+  image = LeNet(6, 3)
+  out = image.apply(image.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)),
+                               train=False), jnp.zeros((2, 28, 28, 1)),
+                    train=False)
+  assert out.shape == (2, 48)
+  audio = LeNet(6, 5)
+  out = audio.apply(audio.init(jax.random.key(0), jnp.zeros((2, 112, 112)),
+                               train=False), jnp.zeros((2, 112, 112)),
+                    train=False)
+  assert out.shape == (2, 192)
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_fusion_logits_shape_and_masked_audio_is_ignored(fusion):
+  model = make_model(fusion)
+  batch = make_batch(audio_present=False)
+  variables = model.init(jax.random.key(0), batch, train=False)
+  logits = model.apply(variables, batch, train=False)
+  assert logits.shape == (4, 10)
+  other = dict(batch, audio=make_batch(seed=1)["audio"])
+  np.testing.assert_allclose(model.apply(variables, other, train=False),
+                             logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["early", "concat", "late", "weighted"])
+def test_gradients_reach_every_modality(fusion):
+  model = make_model(fusion)
+  batch = make_batch()
+  variables = model.init(jax.random.key(0), batch, train=False)
+
+  def loss(inputs):
+    b = dict(batch, image=inputs[0], audio=inputs[1])
+    return jnp.sum(model.apply(variables, b, train=False) ** 2)
+
+  grads = jax.grad(loss)((batch["image"].astype(np.float32),
+                          batch["audio"].astype(np.float32)))
+  assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
+
+
+def test_unimodal_builds_only_its_encoder():
+  variables = make_model("image_only").init(jax.random.key(0), make_batch(),
+                                            train=False)
+  assert "encoder_image" in variables["params"]
+  assert "encoder_audio" not in variables["params"]
+
+
+def test_late_fusion_renormalises_over_present_modalities():
+  model = make_model("late")
+  batch = make_batch()
+  variables = model.init(jax.random.key(0), batch, train=False)
+  both, extra = model.apply(variables, batch, train=False,
+                            mutable=["intermediates"])
+  per_modality = extra["intermediates"]["fusion"]["modality_logits"][0]
+  np.testing.assert_allclose(both, per_modality.mean(1), atol=1e-6)
+  # Sorted order: audio first, image second.
+  image_only = model.apply(variables, dict(batch, **{"mask/audio": np.zeros(
+      4, bool)}), train=False)
+  np.testing.assert_allclose(image_only, per_modality[:, 1], atol=1e-6)
+
+
+def test_weighted_fusion_weights_renormalise():
+  fusion = FUSIONS["weighted"](dim=3)
+  features = {"a": jnp.ones((2, 5)), "b": 2 * jnp.ones((2, 5))}
+  masks = {"a": jnp.array([True, True]), "b": jnp.array([True, False])}
+  variables = fusion.init(jax.random.key(0), features, masks)
+  out = fusion.apply(variables, features, masks)
+  proj_a = features["a"] @ variables["params"]["proj_a"]["kernel"] + \
+      variables["params"]["proj_a"]["bias"]
+  proj_b = features["b"] @ variables["params"]["proj_b"]["kernel"] + \
+      variables["params"]["proj_b"]["bias"]
+  np.testing.assert_allclose(out[0], (proj_a[0] + proj_b[0]) / 2, atol=1e-6)
+  np.testing.assert_allclose(out[1], proj_a[1], atol=1e-6)
+
+
+def test_majority_vote():
+  logits = np.zeros((3, 3, 4))
+  logits[0, :, 2] = 1  # all vote 2
+  logits[1, 0, 1] = logits[1, 1, 1] = logits[1, 2, 3] = 1  # 1 wins 2:1
+  logits[2, 0, 1] = logits[2, 1, 3] = 1  # tie 1 vs 3; third absent
+  present = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0]], bool)
+  fused = np.array([[0, 0, 0, 0], [0, 0, 0, 9], [0, 0, 0, 5.0]])
+  np.testing.assert_array_equal(majority_vote(logits, present, fused),
+                                [2, 1, 3])

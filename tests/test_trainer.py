@@ -1,0 +1,113 @@
+"""Trainer pieces: config parsing, optimizer, sharded steps on 1 and 8 devices."""
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import configs, objectives, parallel, train
+from mmjax.errors import UsageError
+
+CONFIG = "configs/avmnist.py"
+
+
+def small_config(fusion="concat", **overrides):
+  config = configs.load_config(f"{CONFIG}:fusion={fusion},smoke")
+  small = {"image": {"name": "lenet", "features": 4, "extra_layers": 3},
+           "audio": {"name": "lenet", "features": 4, "extra_layers": 3}}
+  with config.unlocked():
+    config.model.encoders = small
+    if fusion == "early":
+      config.model.fusion_kwargs = {"encoder": small["audio"]}
+  return configs.apply_overrides(config, [f"{k}={v}" for k, v in
+                                          overrides.items()])
+
+
+def batches(n, b=16, seed=0):
+  rng = np.random.default_rng(seed)
+  for _ in range(n):
+    yield {"image": rng.integers(0, 255, (b, 28, 28, 1), dtype=np.uint8),
+           "audio": rng.integers(0, 255, (b, 28, 28, 1), dtype=np.uint8),
+           "mask/image": np.ones(b, bool), "mask/audio": np.ones(b, bool),
+           "label": rng.integers(0, 10, b).astype(np.int32)}
+
+
+def run_steps(config, num_devices, steps=3):
+  mesh = parallel.make_mesh(num_devices)
+  model = train.build_model(config)
+  tx, _ = train.build_optimizer(config)
+  data = list(batches(1)) * steps  # one batch, so the loss must fall
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
+  state, shardings = train.create_train_state(config, model, tx, spec, mesh)
+  step = jax.jit(train.make_train_step(model, tx, objectives.supervised),
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+  losses = []
+  for batch in data:
+    state, metrics = step(state, parallel.put_batch(
+        batch, parallel.batch_sharding(mesh)))
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("sharding", ["dp", "fsdp"])
+def test_same_global_batch_same_loss_on_1_and_8_devices(sharding):
+  assert jax.device_count() == 8
+  config = small_config(sharding=sharding)
+  losses_1, params_1 = run_steps(config, 1)
+  losses_8, params_8 = run_steps(config, 8)
+  np.testing.assert_allclose(losses_1, losses_8, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               params_1, params_8)
+  assert losses_1[-1] < losses_1[0]
+
+
+def test_fsdp_shards_large_parameters():
+  config = small_config(sharding="fsdp")
+  mesh = parallel.make_mesh(8)
+  model = train.build_model(config)
+  tx, _ = train.build_optimizer(config)
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+          for k, v in next(batches(1)).items()}
+  abstract = jax.eval_shape(lambda: train.create_train_state(
+      config, model, tx, spec, mesh)[0])
+  shardings = parallel.state_shardings(abstract, mesh, "fsdp", min_fsdp_size=64)
+  specs = [s.spec for s in jax.tree.leaves(shardings)]
+  assert any(parallel.DATA_AXIS in tuple(s) for s in specs)
+
+
+def test_parse_arg_and_overrides():
+  config = configs.load_config(f"{CONFIG}:fusion=late,smoke,seed=3")
+  assert (config.model.fusion, config.seed, config.total_steps) == ("late", 3, 60)
+  configs.apply_overrides(config, ["batch_size=64", "optimizer.learning_rate=0.1",
+                                   "eval_splits=('test',)"])
+  assert (config.batch_size, config.optimizer.learning_rate,
+          config.eval_splits) == (64, 0.1, ("test",))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch_sise=3"], "unknown config key 'batch_sise'"),
+    (["optimizer.lr=3"], "unknown config key 'optimizer.lr'"),
+    (["batch_size=big"], "config key 'batch_size'"),
+    (["model.fusion=nope"], "unknown model.fusion 'nope' (known: audio_only"),
+    (["optimizer.name=lion"], "unknown optimizer.name 'lion'"),
+    (["model.encoders.image.name=vgg"], "unknown model.encoders.image.name"),
+    (["total_steps=0"], "'total_steps' must be positive"),
+])
+def test_bad_config_is_a_one_line_usage_error(overrides, message):
+  with pytest.raises(UsageError, match=message.replace("(", r"\(")) as e:
+    train.check_config(configs.apply_overrides(
+        configs.load_config(CONFIG), overrides))
+  assert "\n" not in str(e.value)
+
+
+def test_bad_config_arguments():
+  with pytest.raises(UsageError, match="unknown config argument 'fusoin'"):
+    configs.load_config(f"{CONFIG}:fusoin=late")
+  with pytest.raises(UsageError, match="config file not found"):
+    configs.load_config("configs/nope.py")
+
+
+def test_batch_size_must_divide_devices():
+  with pytest.raises(UsageError, match="'batch_size' is 12, not divisible by "
+                     "the 8 devices"):
+    parallel.check_batch_size(12, parallel.make_mesh(8))
