@@ -1,0 +1,81 @@
+"""Local tfds builders for mmjax's datasets (array_record, no TensorFlow).
+
+  from mmjax.data.builders import get_builder
+  builder = get_builder("avmnist", data_dir="/tmp/tfds")   # built if needed
+  train = builder.as_data_source()["train"]                # random access
+  example = train[0]   # {"image": uint8 [28,28,1], "audio": ..., "label": int}
+
+Names: "mnist", "fsdd", "avmnist" (= its default config, "avmnist/noisy"),
+"avmnist/clean". The builders read the repo's compact copies in data/
+(`DEFAULT_SOURCE_DIR`) or another `source_dir` with the same layout; they never
+download. They are not in tfds's registry (tfds has its own "mnist"); this
+module's `BUILDERS` is the name table.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from mmjax.data.builders._common import DEFAULT_SOURCE_DIR
+from mmjax.data.builders.avmnist import AVMNIST_SNR_DB, Avmnist, AvmnistConfig
+from mmjax.data.builders.fsdd import Fsdd
+from mmjax.data.builders.mnist import Mnist
+from mmjax.errors import UsageError
+
+BUILDERS: dict[str, type] = {"mnist": Mnist, "fsdd": Fsdd, "avmnist": Avmnist}
+
+FILE_FORMAT = "array_record"
+
+__all__ = [
+    "AVMNIST_SNR_DB", "Avmnist", "AvmnistConfig", "BUILDERS",
+    "DEFAULT_SOURCE_DIR", "FILE_FORMAT", "Fsdd", "Mnist", "get_builder",
+    "known_names",
+]
+
+
+def known_names() -> list[str]:
+  """Every accepted name: each builder, and builder/config for each config."""
+  names = []
+  for name, cls in BUILDERS.items():
+    names.append(name)
+    for cfg in cls.BUILDER_CONFIGS or ():
+      names.append(f"{name}/{getattr(cfg, 'short_name', cfg.name)}")
+  return names
+
+
+def _resolve(name: str):
+  """'name' or 'name/config' -> (builder class, config name or None)."""
+  base, _, cfg_name = name.strip().partition("/")
+  cls = BUILDERS.get(base)
+  if cls is not None and not cfg_name:
+    return cls, None
+  if cls is not None:
+    for cfg in cls.BUILDER_CONFIGS or ():
+      if cfg_name in (cfg.name, getattr(cfg, "short_name", None)):
+        return cls, cfg.name
+  raise UsageError(f"unknown dataset {name!r}; known: {', '.join(known_names())}")
+
+
+def get_builder(name: str, data_dir: str, source_dir: str | None = None):
+  """Returns the builder for `name`, prepared in `data_dir` if not yet built.
+
+  Args:
+    name: "mnist", "fsdd", "avmnist", "avmnist/noisy", "avmnist/clean"
+      (tfds-style "name/config"; the full config name, e.g.
+      "avmnist/noisy_snr0db", works too).
+    data_dir: where built datasets live (data_dir/<name>/<config>/<version>).
+    source_dir: the raw sources (default: the repo's data/). Only read when
+      the dataset must be built.
+
+  Raises:
+    UsageError: unknown name (the message lists the known names); missing
+      source dir or file (names the path); corrupted or truncated source file
+      (names the file).
+  """
+  cls, config = _resolve(name)
+  kwargs = {"config": config} if config else {}
+  builder = cls(data_dir=data_dir, source_dir=source_dir,
+                file_format=FILE_FORMAT, **kwargs)
+  if not builder.is_prepared():
+    builder.download_and_prepare(file_format=FILE_FORMAT)
+  return builder
