@@ -219,9 +219,10 @@ class Avmnist(_common.LocalBuilder, skip_registration=True):
       (mean-centered PCA fit per MNIST split: once on all 60,000 train images,
       serving train and val; once on the 10,000 test images), reconstructed to
       28x28, clipped and rounded to uint8. Measured on this repo's MNIST:
-      k = 4 for train (25.0% -> 28.4% variance kept; 70.9% of the centered
-      energy removed after rounding) and k = 4 for test (29.2% kept, 70.1%
-      removed). The MFAS paper describes this as removing ~75% of the energy.
+      train: k = 4 (cumulative explained-variance ratio 0.2836, so 71.6% of
+      the variance is projected out; 70.9% of the centered energy is removed
+      after rounding to uint8); test: k = 4 (0.2916; 70.8%, 70.1% after
+      rounding). The MFAS paper describes this as removing ~75% of the energy.
     audio: the paired waveform as float in [-1, 1], zero-padded or cut to
       `audio_samples` (8000 = 1 s at 8 kHz), plus white Gaussian noise over the
       whole window with variance P / 10^(snr_db/10), P = mean power of the
