@@ -83,10 +83,10 @@ def get_config(arg=None):
   config.peak_flops = 0.0  # 0 = from the device table in metric_writers.py
 
   if args.smoke:
-    config.total_steps = 60
-    config.optimizer.warmup_steps = 10
-    config.log_every = 20
-    config.eval_every = 60
-    config.checkpoint_every = 30
+    config.total_steps = 40
+    config.optimizer.warmup_steps = 5
+    config.log_every = 10
+    config.eval_every = 40
+    config.checkpoint_every = 20
     config.eval_splits = ("val",)
   return config

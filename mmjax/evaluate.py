@@ -36,6 +36,7 @@ def evaluate(config, workdir: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  train.quiet_libraries()
   try:
     config, workdir = train.parse_command_line(
         sys.argv[1:] if argv is None else argv, prog="evaluate")

@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 
 import flax
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -341,8 +343,17 @@ def check_finite(state: TrainState):
     raise Diverged(f"non-finite loss at step {bad}; training stopped")
 
 
+def quiet_libraries():
+  """Library chatter off: absl warnings, and tfds progress bars unless on a
+  terminal, so that errors stay one line."""
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "train") -> int:
   start_time = time.time()
+  quiet_libraries()
   try:
     config, workdir = parse_command_line(
         sys.argv[1:] if argv is None else argv, prog)

@@ -77,7 +77,7 @@ def test_fsdp_shards_large_parameters():
 
 def test_parse_arg_and_overrides():
   config = configs.load_config(f"{CONFIG}:fusion=late,smoke,seed=3")
-  assert (config.model.fusion, config.seed, config.total_steps) == ("late", 3, 60)
+  assert (config.model.fusion, config.seed, config.total_steps) == ("late", 3, 40)
   configs.apply_overrides(config, ["batch_size=64", "optimizer.learning_rate=0.1",
                                    "eval_splits=('test',)"])
   assert (config.batch_size, config.optimizer.learning_rate,

@@ -1,0 +1,147 @@
+"""The command line on real AV-MNIST: train, resume after SIGKILL, evaluate,
+and the one-line errors for bad input."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mmjax.data import builders
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FAST = ["--config.total_steps=120", "--config.batch_size=32",
+        "--config.checkpoint_every=10", "--config.log_every=10",
+        "--config.eval_every=120", "--config.eval_splits=('val',)"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  builders.get_builder("avmnist", data_dir=str(path))
+  return str(path)
+
+
+def command(workdir, data_dir, *extra, config="configs/avmnist.py:fusion=image_only",
+            module="mmjax.train"):
+  return [sys.executable, "-m", module, "--config", config, "--workdir",
+          str(workdir), f"--config.data_dir={data_dir}", *extra]
+
+
+def run(args, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True,
+                        env=env, timeout=600, **kwargs)
+
+
+def checkpoint_steps(directory) -> list[int]:
+  """Completed checkpoint steps (orbax's temporary directories excluded)."""
+  directory = pathlib.Path(directory)
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def final_params(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(
+      pathlib.Path(workdir).absolute() / "checkpoints" / str(step) / "state")
+  return restored
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, data_dir):
+  reference = run(command(tmp_path / "ref", data_dir, *FAST))
+  assert reference.returncode == 0, reference.stderr
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.Popen(command(tmp_path / "run", data_dir, *FAST), cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  checkpoints = tmp_path / "run" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    steps = checkpoint_steps(checkpoints)
+    if steps and max(steps) >= 30:
+      break
+    time.sleep(0.05)
+  time.sleep(random.uniform(0, 0.5))
+  assert proc.poll() is None, "training ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(checkpoint_steps(checkpoints))
+  assert killed_at < 120
+
+  resumed = run(command(tmp_path / "run", data_dir, *FAST))
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from step" in resumed.stdout + resumed.stderr
+
+  a, b = final_params(tmp_path / "ref", 120), final_params(tmp_path / "run", 120)
+  for key in ("params", "batch_stats", "opt_state", "rng", "step"):
+    flat_a = ocp.tree.to_flat_dict(a[key])
+    flat_b = ocp.tree.to_flat_dict(b[key])
+    assert flat_a.keys() == flat_b.keys()
+    for path in flat_a:
+      np.testing.assert_array_equal(flat_a[path], flat_b[path], err_msg=str(path))
+
+  rows = [json.loads(line) for line in
+          (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in rows if "train/loss" in r]
+  assert train_steps == sorted(set(train_steps))
+  assert train_steps[-1] == 120
+  assert {"learning_rate", "examples_per_sec", "mfu"} <= set(rows[0])
+  assert (tmp_path / "run" / "config.json").exists()
+  assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents*"))
+
+  evaluated = run(command(tmp_path / "run", data_dir, *FAST,
+                          module="mmjax.evaluate"))
+  assert evaluated.returncode == 0, evaluated.stderr
+  metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert metrics["step"] == 120
+  logged = [r for r in rows if "eval/val/accuracy" in r][-1]
+  assert metrics["eval/val/accuracy"] == pytest.approx(
+      logged["eval/val/accuracy"], abs=1e-6)
+  assert metrics["eval/val/accuracy"] > 0.5
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  result = run(command(tmp_path, data_dir, "--config.total_steps=40",
+                       "--config.batch_size=32", "--config.checkpoint_every=1",
+                       "--config.optimizer.learning_rate=1e30"))
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: non-finite loss at step "), last
+  bad_step = int(last.split("at step ")[1].split(";")[0])
+  steps = checkpoint_steps(tmp_path / "checkpoints")
+  assert steps and max(steps) < bad_step
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.batch_sise=8"], "error: unknown config key 'batch_sise'"),
+    (["--config.model.fusion=nope"], "error: unknown model.fusion 'nope'"),
+    (["--config.batch_size=36", "--config.mesh_devices=8"],
+     "error: config key 'batch_size' is 36, not divisible by the 8 devices"),
+    (["--config.dataset=mnist3"], "error: unknown dataset 'mnist3'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, data_dir, extra, message):
+  env_flags = "--xla_force_host_platform_device_count=8"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=env_flags)
+  result = subprocess.run(command(tmp_path, data_dir, *extra), cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      result.stderr.strip().splitlines()[-1]]
+  assert result.stderr.startswith(message), result.stderr
+
+
+def test_missing_source_directory(tmp_path):
+  result = run(command(tmp_path / "w", tmp_path / "empty_tfds",
+                       "--config.source_dir=/nonexistent/data"))
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: ") and "/nonexistent/data" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
