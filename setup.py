@@ -27,7 +27,7 @@ setuptools.setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8"],
         "cuda": ["jax[cuda12]>=0.6,<0.11"],
     },
 )
