@@ -15,6 +15,7 @@ module's `BUILDERS` is the name table.
 from __future__ import annotations
 
 import pathlib
+import re
 
 from mmjax.data.builders._common import DEFAULT_SOURCE_DIR
 from mmjax.data.builders.avmnist import AVMNIST_SNR_DB, Avmnist, AvmnistConfig
@@ -53,7 +54,12 @@ def _resolve(name: str):
     for cfg in cls.BUILDER_CONFIGS or ():
       if cfg_name in (cfg.name, getattr(cfg, "short_name", None)):
         return cls, cfg.name
-  raise UsageError(f"unknown dataset {name!r}; known: {', '.join(known_names())}")
+    snr = re.fullmatch(r"noisy_snr(m?\d+(?:p\d+)?)db", cfg_name)
+    if cls is Avmnist and snr:  # any SNR, e.g. "avmnist/noisy_snrm10db"
+      db = float(snr.group(1).replace("m", "-").replace("p", "."))
+      return cls, AvmnistConfig(name="noisy", snr_db=db)
+  raise UsageError(f"unknown dataset {name!r}; known: {', '.join(known_names())}"
+                   " (and avmnist/noisy_snr<SNR>db for any SNR, m = minus)")
 
 
 def get_builder(name: str, data_dir: str, source_dir: str | None = None):
