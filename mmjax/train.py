@@ -319,8 +319,10 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
         interval_start, interval_steps, accumulated = time.time(), 0, None
       if step % config.eval_every == 0 or done:
         check_finite(state)
-        writer.write(step, evaluate_splits(config, predict, state,
-                                           eval_sources, mesh))
+        row = evaluate_splits(config, predict, state, eval_sources, mesh)
+        if done:
+          row["wall_time_s"] = time.time() - start_time  # this process's run
+        writer.write(step, row)
         interval_start = time.time()
       if step % config.checkpoint_every == 0 or done:
         check_finite(state)

@@ -1,0 +1,61 @@
+"""Summarises AV-MNIST fusion runs into a Markdown table.
+
+  python experiments/avmnist_fusion/summarize.py RUNS_DIR > results.md
+
+RUNS_DIR holds one run directory per (fusion, seed), named `<fusion>_s<seed>`
+(as written by run.sh). For each fusion: test accuracy mean and std over the
+seeds found, validation accuracy, wall time per run and training throughput,
+read from each run's metrics.jsonl.
+"""
+
+import collections
+import json
+import pathlib
+import platform
+import sys
+
+import jax
+import numpy as np
+
+
+def last(rows, key):
+  values = [r[key] for r in rows if key in r]
+  return values[-1] if values else float("nan")
+
+
+def main(runs_dir: str):
+  runs = collections.defaultdict(list)
+  for metrics in sorted(pathlib.Path(runs_dir).glob("*_s*/metrics.jsonl")):
+    fusion = metrics.parent.name.rsplit("_s", 1)[0]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    config = json.loads((metrics.parent / "config.json").read_text())
+    runs[fusion].append({
+        "test": last(rows, "eval/test/accuracy"),
+        "val": last(rows, "eval/val/accuracy"),
+        "vote": last(rows, "eval/test/vote_accuracy"),
+        "wall": last(rows, "wall_time_s"),
+        "eps": np.mean([r["examples_per_sec"] for r in rows
+                        if "examples_per_sec" in r][1:] or [float("nan")]),
+        "steps": config["total_steps"], "dataset": config["dataset"]})
+  print(f"Machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}.\n")
+  print("| fusion | test accuracy (%) | seeds | val accuracy (%) | "
+        "wall time per run (s) | train examples/s |")
+  print("|---|---|---|---|---|---|")
+  for fusion, rs in sorted(runs.items(), key=lambda kv: np.mean(
+      [r["test"] for r in kv[1]])):
+    test = 100 * np.array([r["test"] for r in rs])
+    std = f" ± {test.std(ddof=1):.2f}" if len(rs) > 1 else ""
+    print(f"| {fusion} | {test.mean():.2f}{std} | {len(rs)} | "
+          f"{100 * np.mean([r['val'] for r in rs]):.2f} | "
+          f"{np.mean([r['wall'] for r in rs]):.0f} | "
+          f"{np.mean([r['eps'] for r in rs]):.0f} |")
+  votes = [r["vote"] for r in runs.get("late", []) if not np.isnan(r["vote"])]
+  if votes:
+    print(f"\nLate fusion, majority vote over modalities: "
+          f"{100 * np.mean(votes):.2f}% test accuracy.")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
