@@ -17,6 +17,7 @@ import pathlib
 from collections.abc import Iterator, Sequence
 
 import grain
+from absl import flags
 import numpy as np
 
 from mmjax import parallel
@@ -77,6 +78,8 @@ class TrainIterator:
           .batch(local_batch, drop_remainder=True))
     ds = ds.to_iter_dataset()
     if config.data_workers:
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=config.data_workers))
     self._iterator = iter(ds)
