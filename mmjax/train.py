@@ -289,6 +289,7 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
   first_step = step
   batch, accumulated = first_batch, None  # first_batch compiled the step
   interval_start, interval_steps = time.time(), 0
+  time_to_first_step = None
   try:
     while step < config.total_steps:
       if batch is None:
@@ -301,9 +302,10 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
           jnp.add, accumulated, metrics)
       if step == first_step + 1:
         jax.block_until_ready(state)
-        writer.info(f"first step done {time.time() - start_time:.1f}s after "
-                    f"start ({flops_per_step / config.batch_size / 1e6:.1f} "
-                    "MFLOP per example per train step)")
+        time_to_first_step = time.time() - start_time
+        writer.info(f"first step done {time_to_first_step:.1f}s after start "
+                    f"({flops_per_step / config.batch_size / 1e6:.1f} MFLOP "
+                    "per example per train step)")
         interval_start, interval_steps, accumulated = time.time(), 0, None
       done = step == config.total_steps
       if (step % config.log_every == 0 or done) and interval_steps:
@@ -315,6 +317,8 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
         row["steps_per_sec"] = interval_steps / elapsed
         row["examples_per_sec"] = interval_steps * config.batch_size / elapsed
         row["mfu"] = flops_per_step * interval_steps / elapsed / peak
+        if time_to_first_step is not None:
+          row["time_to_first_step_s"], time_to_first_step = time_to_first_step, None
         writer.write(step, row)
         interval_start, interval_steps, accumulated = time.time(), 0, None
       if step % config.eval_every == 0 or done:

@@ -50,9 +50,9 @@ class MultimodalClassifier(nn.Module):
   fusion: str
   num_classes: int
   head_hidden: Sequence[int] = (100,)
-  fusion_kwargs: Mapping = None
+  fusion_kwargs: Mapping | None = None
 
-  def setup_fusion(self):
+  def _make_fusion(self):
     kwargs = dict(self.fusion_kwargs or {})
     fusion_cls = FUSIONS[self.fusion]
     if getattr(fusion_cls, "returns_logits", False):
@@ -61,7 +61,7 @@ class MultimodalClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False):
-    fusion = self.setup_fusion()
+    fusion = self._make_fusion()
     used = ([fusion.modality] if isinstance(fusion, Unimodal)
             else list(self.modalities))
     masks = {m: batch[f"mask/{m}"] for m in used}
