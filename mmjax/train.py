@@ -274,6 +274,12 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
     writer.resume(int(state.step))
     writer.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
 
+  if int(state.step) >= config.total_steps:
+    writer.info(f"already trained for {config.total_steps} steps")
+    writer.close()
+    ckpt.close()
+    return state
+
   batch_sharding = parallel.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(model, tx,
                                     objectives.OBJECTIVES[config.objective]),
@@ -332,7 +338,6 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
         check_finite(state)
         ckpt.save(step, state, data.get_state())
   except KeyboardInterrupt:
-    ckpt.wait()
     writer.info(f"interrupted at step {step}; the latest checkpoint is step "
                 f"{ckpt.latest_step()}")
     raise
