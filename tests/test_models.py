@@ -11,14 +11,14 @@ from mmjax.models.fusion import FUSIONS
 from mmjax.models.multimodal import MultimodalClassifier
 
 ENCODERS = {"image": {"name": "lenet", "features": 4, "extra_layers": 3},
-            "audio": {"name": "lenet", "features": 4, "extra_layers": 5}}
+            "audio": {"name": "lenet", "features": 4, "extra_layers": 4}}
 
 
 def make_batch(b=4, seed=0, audio_present=True):
   rng = np.random.default_rng(seed)
   return {
       "image": rng.integers(0, 255, (b, 28, 28, 1), dtype=np.uint8),
-      "audio": rng.integers(0, 255, (b, 112, 112, 1), dtype=np.uint8),
+      "audio": rng.integers(0, 255, (b, 56, 56, 1), dtype=np.uint8),
       "mask/image": np.ones(b, bool),
       "mask/audio": np.full(b, audio_present),
       "label": rng.integers(0, 10, b).astype(np.int32),
