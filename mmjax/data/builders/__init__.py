@@ -83,5 +83,6 @@ def get_builder(name: str, data_dir: str, source_dir: str | None = None):
   builder = cls(data_dir=data_dir, source_dir=source_dir,
                 file_format=FILE_FORMAT, **kwargs)
   if not builder.is_prepared():
+    builder.check_source_dir()  # fail before tfds starts (and logs) a build
     builder.download_and_prepare(file_format=FILE_FORMAT)
   return builder

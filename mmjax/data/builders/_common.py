@@ -68,12 +68,16 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def source_dir(self) -> pathlib.Path:
     return self._source_dir
 
-  def source_path(self, relative: str) -> pathlib.Path:
-    """`source_dir / relative`, or UsageError naming the missing path."""
+  def check_source_dir(self) -> None:
+    """UsageError naming the source dir if it is not a directory."""
     if not self._source_dir.is_dir():
       raise UsageError(
           f"dataset source directory not found: {self._source_dir} "
           "(write it with: python tools/compact_data.py --shared <dir> --out data)")
+
+  def source_path(self, relative: str) -> pathlib.Path:
+    """`source_dir / relative`, or UsageError naming the missing path."""
+    self.check_source_dir()
     path = self._source_dir / relative
     if not path.exists():
       raise UsageError(f"dataset source file not found: {path}")
