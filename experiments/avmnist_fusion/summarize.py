@@ -3,19 +3,36 @@
   python experiments/avmnist_fusion/summarize.py RUNS_DIR > results.md
 
 RUNS_DIR holds one run directory per (fusion, seed), named `<fusion>_s<seed>`
-(as written by run.sh). For each fusion: test accuracy mean and std over the
+(as written by run.sh); unfinished runs are left out. Run it on the machine
+that trained the runs: it names that machine. For each fusion: test accuracy mean and std over the
 seeds found, validation accuracy, wall time per run and training throughput,
 read from each run's metrics.jsonl.
 """
 
 import collections
 import json
+import os
 import pathlib
 import platform
 import sys
 
 import jax
 import numpy as np
+
+
+def machine() -> str:
+  """The processor (model name, cores) or the accelerator this runs on."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    return f"{jax.device_count()} x {device.device_kind}"
+  model = platform.processor() or platform.machine()
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  if cpuinfo.exists():
+    for line in cpuinfo.read_text().splitlines():
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  return f"{model}, {os.cpu_count()} cores, CPU only"
 
 
 def last(rows, key):
@@ -28,6 +45,8 @@ def main(runs_dir: str):
   for metrics in sorted(pathlib.Path(runs_dir).glob("*_s*/metrics.jsonl")):
     fusion = metrics.parent.name.rsplit("_s", 1)[0]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    if not any("wall_time_s" in r for r in rows):
+      continue  # unfinished
     config = json.loads((metrics.parent / "config.json").read_text())
     runs[fusion].append({
         "test": last(rows, "eval/test/accuracy"),
@@ -37,9 +56,7 @@ def main(runs_dir: str):
         "eps": np.mean([r["examples_per_sec"] for r in rows
                         if "examples_per_sec" in r][1:] or [float("nan")]),
         "steps": config["total_steps"], "dataset": config["dataset"]})
-  print(f"Machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
-        f"jax {jax.__version__}.\n")
+  print(f"Machine: {machine()}, jax {jax.__version__}.\n")
   print("| fusion | test accuracy (%) | seeds | val accuracy (%) | "
         "wall time per run (s) | train examples/s |")
   print("|---|---|---|---|---|---|")
