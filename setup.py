@@ -27,7 +27,7 @@ setuptools.setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "librosa>=0.10,<0.12"],
         "cuda": ["jax[cuda12]>=0.6,<0.11"],
     },
 )
