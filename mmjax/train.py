@@ -12,21 +12,20 @@ with status 2; a non-finite loss stops the run (status 1) and keeps the last
 good checkpoint.
 """
 
-import json
 import sys
 import time
 from collections.abc import Sequence
 
 import flax
-import tensorflow_datasets as tfds
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
-from mmjax import checkpoint, configs, evaluators, metric_writers, objectives
-from mmjax import parallel
+from mmjax import (checkpoint, configs, evaluators, metric_writers, objectives,
+                   parallel)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
 from mmjax.models.encoders import ENCODERS, FRONTENDS

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pathlib
 import pickle
 import shutil
 

@@ -14,7 +14,6 @@ module's `BUILDERS` is the name table.
 
 from __future__ import annotations
 
-import pathlib
 import re
 
 from mmjax.data.builders._common import DEFAULT_SOURCE_DIR
