@@ -16,8 +16,12 @@ Reproduces: the AV-MNIST rows of MultiBench (Liang et al. 2021), LeNet image
 and spectrogram encoders, an MLP head with 100 hidden units. The `avmnist`
 audio is noisy by construction (see mmjax/data/builders/avmnist.py).
 
-Expected result and runtime (README table, 3 seeds): see the README's
-"AV-MNIST results". Steps per second on CPU are in each run's metrics.jsonl.
+Expected result (test accuracy, default recipe, README "AV-MNIST results"):
+image_only 64.5%, audio_only 43.2%, early 75.4%, concat 76.2%, late 76.7%,
+weighted 77.1%; `clean` concat 98.8%.
+Runtime: about 8 minutes per fused run on 2 CPU cores (1.15 steps/s for
+concat, first step after 25 s), 70 s for image_only; `smoke` about a minute
+once the dataset is built.
 """
 
 import ml_collections
