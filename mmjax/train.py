@@ -255,8 +255,8 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
   train_source = pipeline.data_source(config, config.train_split)
   eval_sources = {s: pipeline.data_source(config, s)
                   for s in config.eval_splits}
-  data = pipeline.TrainIterator(train_source, config,
-                                parallel.batch_sharding(mesh),
+  batch_sharding = parallel.batch_sharding(mesh)
+  data = pipeline.TrainIterator(train_source, config, batch_sharding,
                                 jax.process_index(), jax.process_count())
 
   model = build_model(config)
@@ -279,7 +279,6 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
     ckpt.close()
     return state
 
-  batch_sharding = parallel.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(model, tx,
                                     objectives.OBJECTIVES[config.objective]),
                     in_shardings=(shardings, batch_sharding),

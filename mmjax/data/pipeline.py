@@ -84,7 +84,6 @@ class TrainIterator:
           num_workers=config.data_workers))
     self._iterator = iter(ds)
     self._sharding = sharding
-    self.examples_per_epoch = len(source) // process_count
 
   def __iter__(self):
     return self
