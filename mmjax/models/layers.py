@@ -34,3 +34,72 @@ def masked_mean(values: jnp.ndarray, present: jnp.ndarray) -> jnp.ndarray:
   total = jnp.sum(values * weights, axis=1)
   count = jnp.sum(weights, axis=1)
   return total / jnp.maximum(count, 1.0)
+
+
+def zero_masked(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  """x [B, ...] with rows whose mask [B] is False set to zero."""
+  return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, 0)
+
+
+def pool_tokens(tokens: jnp.ndarray) -> jnp.ndarray:
+  """Mean over the token axis: [B, N, D] -> [B, D]."""
+  return jnp.mean(tokens, axis=1)
+
+
+def key_mask(present: jnp.ndarray, num_queries: int,
+             num_keys: int) -> jnp.ndarray:
+  """Attention mask [B, 1, Q, K] letting every query see keys where `present`.
+
+  `present` is [B] (one flag per example for all K keys) or [B, K].
+  """
+  if present.ndim == 1:
+    present = jnp.broadcast_to(present[:, None], (present.shape[0], num_keys))
+  return jnp.broadcast_to(present[:, None, None, :],
+                          (present.shape[0], 1, num_queries, num_keys))
+
+
+class FeedForward(nn.Module):
+  """The transformer MLP: Dense(mlp_dim) -> GELU -> dropout -> Dense(D)."""
+  mlp_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    width = x.shape[-1]
+    x = nn.gelu(nn.Dense(self.mlp_dim, name="dense_0")(x), approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(width, name="dense_1")(x)
+
+
+class TransformerBlock(nn.Module):
+  """Attention plus feed-forward with residuals: [B, N, D] -> [B, N, D].
+
+  Self-attention by default; with `context` [B, M, D] the queries come from
+  `x` and keys and values from `context` (cross-attention). `mask` is an
+  attention mask [B, 1, N, M] (see `key_mask`). `post_norm=False` is the
+  pre-LayerNorm block of ViT (x + f(LN(x))); `post_norm=True` the
+  post-LayerNorm block of BERT and the original Transformer (LN(x + f(x))).
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  post_norm: bool = False
+  layer_norm_epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None, *, train: bool = False):
+    attention = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout,
+        deterministic=not train, name="attention")
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon,
+                                     name=name)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp")
+    if self.post_norm:
+      kv = x if context is None else context
+      x = norm("norm_attention")(x + drop(attention(x, kv, mask=mask)))
+      return norm("norm_mlp")(x + drop(ffn(x, train=train)))
+    y = norm("norm_attention")(x)
+    kv = y if context is None else context
+    x = x + drop(attention(y, kv, mask=mask))
+    return x + drop(ffn(norm("norm_mlp")(x), train=train))
