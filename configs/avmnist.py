@@ -47,6 +47,8 @@ def get_config(arg=None):
   config.audio_length = 8000 if args.clean else 0  # waveform samples (1 s)
   config.train_split = "train"
   config.eval_splits = ("val", "test")
+  # mmjax/evaluators: accuracy and loss; accuracy with each modality removed.
+  config.evaluators = ("classification", "missing_modality")
   config.data_workers = 0  # grain worker processes; 0 = in the main process
 
   # Model.
@@ -59,6 +61,11 @@ def get_config(arg=None):
   config.model.fusion_kwargs = ({"encoder": SPECTROGRAM_LENET}
                                 if args.fusion == "early" else {})
   config.model.head_hidden = (100,)
+  # Probability of removing each modality from a training example, and how a
+  # missing modality reaches the fusion ("zero": masked out; "token": a
+  # learned mask token).
+  config.model.modality_dropout = {"image": 0.0, "audio": 0.0}
+  config.model.missing = "zero"
   config.model.num_classes = 10
   config.objective = "supervised"
 

@@ -30,7 +30,7 @@ from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.multimodal import MultimodalClassifier
+from mmjax.models.multimodal import MISSING, MultimodalClassifier
 
 USAGE = ("usage: python -m mmjax.{prog} --config configs/X.py[:ARGS] "
          "--workdir DIR [--config.KEY=VALUE ...]")
@@ -101,6 +101,13 @@ def check_config(config):
     if spec.get("frontend"):
       configs.check_choice(f"model.encoders.{modality}.frontend.name",
                            spec["frontend"]["name"], FRONTENDS)
+  for evaluator in config.evaluators:
+    configs.check_choice("evaluators", evaluator, evaluators.EVALUATORS)
+  configs.check_choice("model.missing", config.model.missing, MISSING)
+  for modality, rate in config.model.modality_dropout.items():
+    if not 0 <= rate < 1:
+      raise UsageError(f"config key 'model.modality_dropout.{modality}' must "
+                       f"be in [0, 1), got {rate}")
   for key in ("batch_size", "total_steps", "log_every", "eval_every",
               "checkpoint_every", "eval_batch_size"):
     if config[key] <= 0:
@@ -122,7 +129,9 @@ def build_model(config) -> MultimodalClassifier:
       fusion=config.model.fusion,
       num_classes=config.model.num_classes,
       head_hidden=tuple(config.model.head_hidden),
-      fusion_kwargs=configs.to_dict(config.model.fusion_kwargs))
+      fusion_kwargs=configs.to_dict(config.model.fusion_kwargs),
+      modality_dropout=configs.to_dict(config.model.modality_dropout),
+      missing=config.model.missing)
 
 
 SCHEDULES = {
@@ -235,12 +244,15 @@ def evaluate_splits(config, predict, state, sources: dict, mesh) -> dict:
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   results = {}
   for split, source in sources.items():
-    batches = pipeline.eval_batches(source, config, config.eval_batch_size,
+    batches = pipeline.EvalBatches(source, config, config.eval_batch_size,
                                     parallel.batch_sharding(mesh),
                                     jax.process_index(), jax.process_count())
-    for name, value in evaluators.classification(
-        lambda batch: predict(state, batch), batches):
-      results[f"eval/{split}/{name}"] = float(value)
+    for evaluator in config.evaluators:
+      prefix = (f"eval/{split}/" if evaluator == "classification"
+                else f"eval/{split}/{evaluator}/")
+      for name, value in evaluators.EVALUATORS[evaluator](
+          lambda batch: predict(state, batch), batches):
+        results[prefix + name] = float(value)
   return results
 
 

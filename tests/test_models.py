@@ -8,7 +8,7 @@ import pytest
 from mmjax.evaluators.classification import majority_vote
 from mmjax.models.encoders import LeNet
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.multimodal import MultimodalClassifier
+from mmjax.models.multimodal import MultimodalClassifier, drop_modalities
 
 ENCODERS = {"image": {"name": "lenet", "features": 4, "extra_layers": 3},
             "audio": {"name": "lenet", "features": 4, "extra_layers": 4}}
@@ -37,12 +37,12 @@ def test_lenet_recipe_shapes():
   out = image.apply(image.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)),
                                train=False), jnp.zeros((2, 28, 28, 1)),
                     train=False)
-  assert out.shape == (2, 48)
+  assert out.shape == (2, 1, 48)
   audio = LeNet(6, 5)
   out = audio.apply(audio.init(jax.random.key(0), jnp.zeros((2, 112, 112)),
                                train=False), jnp.zeros((2, 112, 112)),
                     train=False)
-  assert out.shape == (2, 192)
+  assert out.shape == (2, 1, 192)
 
 
 @pytest.mark.parametrize("fusion", sorted(FUSIONS))
@@ -96,9 +96,10 @@ def test_late_fusion_renormalises_over_present_modalities():
 def test_weighted_fusion_weights_renormalise():
   fusion = FUSIONS["weighted"](dim=3)
   features = {"a": jnp.ones((2, 5)), "b": 2 * jnp.ones((2, 5))}
+  tokens = {m: x[:, None] for m, x in features.items()}
   masks = {"a": jnp.array([True, True]), "b": jnp.array([True, False])}
-  variables = fusion.init(jax.random.key(0), features, masks)
-  out = fusion.apply(variables, features, masks)
+  variables = fusion.init(jax.random.key(0), tokens, masks)
+  out = fusion.apply(variables, tokens, masks)
   proj_a = features["a"] @ variables["params"]["proj_a"]["kernel"] + \
       variables["params"]["proj_a"]["bias"]
   proj_b = features["b"] @ variables["params"]["proj_b"]["kernel"] + \
@@ -116,3 +117,51 @@ def test_majority_vote():
   fused = np.array([[0, 0, 0, 0], [0, 0, 0, 9], [0, 0, 0, 5.0]])
   np.testing.assert_array_equal(majority_vote(logits, present, fused),
                                 [2, 1, 3])
+
+
+def test_drop_modalities_rates_and_never_drops_everything():
+  masks = {"image": jnp.ones(20000, bool), "audio": jnp.ones(20000, bool)}
+  dropped = drop_modalities(jax.random.key(0), masks,
+                            {"image": 0.5, "audio": 0.5})
+  both_gone = ~dropped["image"] & ~dropped["audio"]
+  assert not bool(both_gone.any())
+  # Of the 25% drawn to lose both, all keep both: image present 0.5 + 0.25.
+  assert abs(float(dropped["image"].mean()) - 0.75) < 0.02
+  only = drop_modalities(jax.random.key(1), masks, {"audio": 0.3})
+  assert bool(only["image"].all())
+  assert abs(float(only["audio"].mean()) - 0.7) < 0.02
+  absent = dict(masks, audio=jnp.zeros(20000, bool))
+  assert bool(drop_modalities(jax.random.key(2), absent,
+                              {"image": 0.9})["image"].all())
+
+
+def test_modality_dropout_acts_only_in_training():
+  model = MultimodalClassifier(
+      modalities=("image", "audio"), encoders=ENCODERS, fusion="concat",
+      num_classes=10, modality_dropout={"audio": 0.99})
+  batch = make_batch()
+  variables = model.init(jax.random.key(0), batch, train=False)
+  other = dict(batch, audio=make_batch(seed=1)["audio"])
+  apply = lambda b, train: model.apply(
+      variables, b, train=train, rngs={"dropout": jax.random.key(3)},
+      mutable=["batch_stats"])[0]
+  assert not np.allclose(apply(batch, False), apply(other, False))
+  # Audio dropped for (almost surely) every example: its content is ignored.
+  np.testing.assert_allclose(apply(batch, True), apply(other, True),
+                             atol=1e-6)
+
+
+def test_missing_token_replaces_a_masked_modality():
+  model = MultimodalClassifier(
+      modalities=("image", "audio"), encoders=ENCODERS, fusion="concat",
+      num_classes=10, missing="token")
+  batch = make_batch(audio_present=False)
+  variables = model.init(jax.random.key(0), batch, train=False)
+  assert variables["params"]["mask_token_audio"].shape == (64,)
+  logits = model.apply(variables, batch, train=False)
+  other = dict(batch, audio=make_batch(seed=1)["audio"])
+  np.testing.assert_allclose(model.apply(variables, other, train=False),
+                             logits, atol=1e-6)
+  moved = jax.tree.map(lambda x: x, variables)
+  moved["params"]["mask_token_audio"] = moved["params"]["mask_token_audio"] + 1
+  assert not np.allclose(model.apply(moved, batch, train=False), logits)

@@ -59,7 +59,7 @@ def test_restored_state_continues_exactly(workers):
 
 def test_eval_batches_cover_the_split_once_with_padding():
   mesh = parallel.make_mesh(8)
-  batches = list(pipeline.eval_batches(source(20), config(), 8,
+  batches = list(pipeline.EvalBatches(source(20), config(), 8,
                                        parallel.batch_sharding(mesh)))
   assert len(batches) == 3
   valid = np.concatenate([np.asarray(b["valid"]) for b in batches])

@@ -98,22 +98,29 @@ class TrainIterator:
     self._iterator.set_state(state)
 
 
-def eval_batches(source, config, batch_size: int, sharding, process_index=0,
-                 process_count=1) -> Iterator[dict]:
-  """One pass over `source` in order, in batches of `batch_size`.
+class EvalBatches:
+  """One pass over `source` in order, in batches of `batch_size`, per iteration.
 
-  The last batch is padded to full size with zero examples; every batch has a
-  boolean "valid" [B] that is False on padding.
+  Iterating again starts a new pass, so several evaluators can read the same
+  split. The last batch is padded to full size with zero examples; every batch
+  has a boolean "valid" [B] that is False on padding.
   """
-  local_batch = batch_size // process_count
-  ds = (grain.MapDataset.source(source)[process_index::process_count]
+
+  def __init__(self, source, config, batch_size: int, sharding,
+               process_index=0, process_count=1):
+    self._local_batch = batch_size // process_count
+    self._sharding = sharding
+    self._dataset = (
+        grain.MapDataset.source(source)[process_index::process_count]
         .map(Preprocess(tuple(config.modalities), config.audio_length))
-        .batch(local_batch, drop_remainder=False))
-  for batch in ds.to_iter_dataset():
-    n = batch["label"].shape[0]
-    batch["valid"] = np.ones(n, bool)
-    if n < local_batch:
-      batch = {k: np.concatenate(
-          [v, np.zeros((local_batch - n,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
-    yield parallel.put_batch(batch, sharding)
+        .batch(self._local_batch, drop_remainder=False))
+
+  def __iter__(self) -> Iterator[dict]:
+    for batch in self._dataset.to_iter_dataset():
+      n = batch["label"].shape[0]
+      batch["valid"] = np.ones(n, bool)
+      if n < self._local_batch:
+        batch = {k: np.concatenate(
+            [v, np.zeros((self._local_batch - n,) + v.shape[1:], v.dtype)])
+                 for k, v in batch.items()}
+      yield parallel.put_batch(batch, self._sharding)

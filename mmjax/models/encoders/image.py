@@ -16,9 +16,9 @@ class LeNet(nn.Module):
   `LeNet(features=6, extra_layers=3)` (28x28 -> [B, 48]); the spectrogram recipe
   `LeNet(features=6, extra_layers=5)` (112x112 -> [B, 192]).
 
-  Input [B, H, W] or [B, H, W, C]; output [B, features * 2**extra_layers]. Where
-  spatial positions remain after the last pooling they are averaged (MultiBench
-  squeezes a 1x1 map, which the average equals).
+  Input [B, H, W] or [B, H, W, C]; output tokens [B, H' * W', features *
+  2**extra_layers], the positions of the last feature map (MultiBench squeezes
+  a 1x1 map: one token, whose mean over positions is the same vector).
   """
   features: int = 6
   extra_layers: int = 3
@@ -38,4 +38,4 @@ class LeNet(nn.Module):
       raise ValueError(f"LeNet with {self.extra_layers + 1} poolings needs an "
                        f"input of at least {2**(self.extra_layers + 1)} pixels "
                        "per side")
-    return jnp.mean(x, axis=(1, 2))
+    return x.reshape(x.shape[0], -1, x.shape[-1])

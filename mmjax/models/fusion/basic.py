@@ -1,29 +1,27 @@
-"""Feature-level fusions: unimodal selection, concatenation, late, weighted sum."""
+"""Feature-level fusions: unimodal selection, concatenation, late, weighted sum.
+
+Each first mean-pools a modality's tokens [B, N_m, D_m] to features [B, D_m].
+"""
 
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import MLP, masked_mean
-
-
-def _zero_masked(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-  """x [B, ...] with rows whose mask [B] is False set to zero."""
-  return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, 0)
+from mmjax.models.layers import MLP, masked_mean, pool_tokens, zero_masked
 
 
 class Unimodal(nn.Module):
-  """A unimodal baseline: passes one modality's features [B, D] on unchanged.
+  """A unimodal baseline: one modality's pooled features [B, D], unchanged.
 
   The model builds only that modality's encoder. A masked example gives zeros.
   """
   modality: str
 
   @nn.compact
-  def __call__(self, features, masks, *, train: bool = False):
+  def __call__(self, tokens, masks, *, train: bool = False):
     del train
-    return _zero_masked(features[self.modality], masks[self.modality])
+    return zero_masked(pool_tokens(tokens[self.modality]), masks[self.modality])
 
 
 class ConcatFusion(nn.Module):
@@ -36,10 +34,11 @@ class ConcatFusion(nn.Module):
   """
 
   @nn.compact
-  def __call__(self, features, masks, *, train: bool = False):
+  def __call__(self, tokens, masks, *, train: bool = False):
     del train
     return jnp.concatenate(
-        [_zero_masked(features[m], masks[m]) for m in sorted(features)], -1)
+        [zero_masked(pool_tokens(tokens[m]), masks[m]) for m in sorted(tokens)],
+        -1)
 
 
 class WeightedFusion(nn.Module):
@@ -52,11 +51,11 @@ class WeightedFusion(nn.Module):
   dim: int = 128
 
   @nn.compact
-  def __call__(self, features, masks, *, train: bool = False):
+  def __call__(self, tokens, masks, *, train: bool = False):
     del train
-    names = sorted(features)
-    projected = jnp.stack(
-        [nn.Dense(self.dim, name=f"proj_{m}")(features[m]) for m in names], 1)
+    names = sorted(tokens)
+    projected = jnp.stack([nn.Dense(self.dim, name=f"proj_{m}")(
+        pool_tokens(tokens[m])) for m in names], 1)
     logits = self.param("modality_logits", nn.initializers.zeros, (len(names),))
     present = jnp.stack([masks[m] for m in names], 1)  # [B, M]
     scores = jnp.exp(logits - jnp.max(logits)) * present
@@ -78,12 +77,12 @@ class LateFusion(nn.Module):
   returns_logits = True
 
   @nn.compact
-  def __call__(self, features, masks, *, train: bool = False):
+  def __call__(self, tokens, masks, *, train: bool = False):
     del train
-    names = sorted(features)
+    names = sorted(tokens)
     logits = jnp.stack([
-        MLP((*self.hidden, self.num_classes), name=f"head_{m}")(features[m])
-        for m in names], 1)
+        MLP((*self.hidden, self.num_classes), name=f"head_{m}")(
+            pool_tokens(tokens[m])) for m in names], 1)
     present = jnp.stack([masks[m] for m in names], 1)
     self.sow("intermediates", "modality_logits", logits)
     self.sow("intermediates", "modality_present", present)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.encoders import ENCODERS
+from mmjax.models.layers import pool_tokens
 
 
 class EarlyFusion(nn.Module):
@@ -15,7 +16,7 @@ class EarlyFusion(nn.Module):
   height and width among them, zeroed where the modality is masked, and the
   results are concatenated along channels (sorted modality order) into one
   [B, H, W, sum_m C_m] input for a single encoder (`encoder`, e.g. LeNet), whose
-  output [B, D] is the fused representation. This is the "early" end of the
+  mean-pooled output tokens [B, D] are the fused representation. This is the "early" end of the
   early-to-late spectrum (Baltrusaitis et al., TPAMI 2019).
   """
   encoder: dict
@@ -36,4 +37,4 @@ class EarlyFusion(nn.Module):
       stacked.append(jnp.where(masks[name][:, None, None, None], x, 0))
     kwargs = {k: v for k, v in self.encoder.items() if k != "name"}
     net = ENCODERS[self.encoder["name"]](name="encoder", **kwargs)
-    return net(jnp.concatenate(stacked, -1), train=train)
+    return pool_tokens(net(jnp.concatenate(stacked, -1), train=train))

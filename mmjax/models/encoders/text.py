@@ -1,0 +1,146 @@
+"""Text encoders over WordPiece token ids: BERT and a bag of embeddings.
+
+Token ids are int32 [B, L]; id 0 is padding (`[PAD]` in BERT's vocabulary)
+unless an explicit boolean `padding_mask` [B, L] (True at real tokens) is
+given. `mmjax.data.tokenizer.WordPieceTokenizer` makes both arrays, and
+`mmjax.models.pretrained.load_minilm` gives pretrained BERT weights.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.layers import TransformerBlock, key_mask, masked_mean
+
+POOLS = ("none", "mean", "cls")
+
+
+def _padding_mask(token_ids, padding_mask):
+  """The given mask as bool, or token_ids != 0 (id 0 is padding)."""
+  if padding_mask is None:
+    return token_ids != 0
+  if padding_mask.shape != token_ids.shape:
+    raise ValueError(f"padding_mask {padding_mask.shape} must have the shape "
+                     f"of token_ids {token_ids.shape}")
+  return padding_mask.astype(bool)
+
+
+class BertEncoder(nn.Module):
+  """A BERT-compatible Transformer encoder: [B, L] ids -> [B, L, D] or [B, 1, D].
+
+  Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for
+  Language Understanding", NAACL 2019: the input is the sum of word, learned
+  absolute position and token-type (segment) embeddings, then LayerNorm and
+  dropout; each of `num_layers` blocks is post-LayerNorm,
+  x = LN(x + MHA(x)); x = LN(x + W2 GELU(W1 x)), with exact (erf) GELU.
+  Padded keys are masked out of every attention, so the outputs at real tokens
+  do not depend on what the padded positions hold. The parameter layout holds
+  Hugging Face `BertModel` weights (see `mmjax.models.pretrained`); BERT's
+  pooler (Dense + tanh on [CLS]) is not part of it.
+
+  Attributes:
+    vocab_size: number of WordPiece ids.
+    hidden_size: width D.
+    num_layers: number of Transformer blocks.
+    num_heads: attention heads (D must be divisible by it).
+    intermediate_size: hidden width of each feed-forward network.
+    max_position_embeddings: longest input L.
+    type_vocab_size: number of token types (segments).
+    layer_norm_eps: LayerNorm epsilon (BERT: 1e-12).
+    dropout: dropout rate of embeddings, attention probabilities and residual
+      branches (used only when train=True, with the "dropout" RNG).
+    pool: "none" returns every token [B, L, D]; "mean" the mean over real
+      tokens [B, 1, D] (Sentence-BERT's pooling; zeros for an all-padding
+      row); "cls" the first ([CLS]) token [B, 1, D].
+  """
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dropout: float = 0.0
+  pool: str = "none"
+
+  @nn.compact
+  def __call__(self, token_ids: jnp.ndarray, *, train: bool,
+               padding_mask: jnp.ndarray | None = None,
+               token_type_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Encodes token ids.
+
+    Args:
+      token_ids: int [B, L], L <= max_position_embeddings.
+      train: enables dropout.
+      padding_mask: bool [B, L], True at real tokens; default token_ids != 0.
+      token_type_ids: int [B, L] segment ids; default all 0.
+
+    Returns:
+      [B, L, D] token features for pool="none", else [B, 1, D].
+    """
+    if self.pool not in POOLS:
+      raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+    if token_ids.ndim != 2:
+      raise ValueError(f"token_ids must be [B, L], got {token_ids.shape}")
+    length = token_ids.shape[1]
+    if length > self.max_position_embeddings:
+      raise ValueError(f"sequence length {length} exceeds "
+                       f"max_position_embeddings={self.max_position_embeddings}")
+    present = _padding_mask(token_ids, padding_mask)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(token_ids)
+
+    embed = lambda n, name: nn.Embed(
+        n, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
+        name=name)
+    x = (embed(self.vocab_size, "word_embeddings")(token_ids)
+         + embed(self.max_position_embeddings, "position_embeddings")(
+             jnp.arange(length))[None]
+         + embed(self.type_vocab_size, "type_embeddings")(token_type_ids))
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="embeddings_norm")(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+
+    mask = key_mask(present, length, length)
+    for i in range(self.num_layers):
+      x = TransformerBlock(
+          num_heads=self.num_heads, mlp_dim=self.intermediate_size,
+          dropout=self.dropout, post_norm=True,
+          layer_norm_epsilon=self.layer_norm_eps, name=f"layer_{i}")(
+              x, mask=mask, train=train)
+
+    if self.pool == "mean":
+      return masked_mean(x, present)[:, None]
+    if self.pool == "cls":
+      return x[:, :1]
+    return x
+
+
+class BagOfEmbeddings(nn.Module):
+  """The bag-of-embeddings baseline: mean of token embeddings [B, 1, D].
+
+  Joulin et al., "Bag of Tricks for Efficient Text Classification", EACL 2017
+  (fastText): a sentence is the average of its word embeddings, optionally
+  followed by a linear layer. Padded tokens are left out of the mean; an
+  all-padding row gives zeros (then the Dense bias, if `features` is set).
+
+  Attributes:
+    vocab_size: number of token ids.
+    dim: embedding width D.
+    features: if set, a Dense layer maps the mean to this width.
+  """
+  vocab_size: int
+  dim: int
+  features: int | None = None
+
+  @nn.compact
+  def __call__(self, token_ids: jnp.ndarray, *, train: bool,
+               padding_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """token_ids int [B, L] (padding_mask bool [B, L], default ids != 0)
+    -> [B, 1, D] (or [B, 1, features])."""
+    del train
+    present = _padding_mask(token_ids, padding_mask)
+    x = nn.Embed(self.vocab_size, self.dim, name="embeddings")(token_ids)
+    x = masked_mean(x, present)[:, None]
+    if self.features is not None:
+      x = nn.Dense(self.features, name="dense")(x)
+    return x

@@ -1,0 +1,256 @@
+"""Attention fusions over token sequences: cross-attention, co-attention, MulT.
+
+Each fusion takes per-modality tokens and boolean masks,
+
+  fusion(tokens: dict[str, [B, N_m, D_m]], masks: dict[str, [B]], train=...)
+
+and returns a fused representation [B, D]. A masked modality contributes
+nothing: its keys are masked out of every attention that reads it, an
+attention whose keys are all masked has its output (the residual update)
+zeroed, and a masked modality's own pooled block of the output is zero.
+"""
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.layers import (FeedForward, TransformerBlock, key_mask,
+                                 masked_mean, pool_tokens, zero_masked)
+
+
+class CrossAttentionBlock(nn.Module):
+  """Cross-attention plus feed-forward with residuals: [B, N, D] -> [B, N, D].
+
+  Queries come from `x` [B, N, D], keys and values from `context` [B, K, D];
+  `present` ([B] or [B, K], bool) says which keys exist. Masked keys get zero
+  attention weight, and where an example has no key at all the attention
+  output is zeroed, so `x` receives no residual update from the context (flax
+  attention would otherwise attend uniformly to the masked keys).
+
+  `post_norm=False` is the pre-LayerNorm block (x + f(LN(x), LN(context)),
+  with its own LayerNorm on the context, as in MulT); `post_norm=True` the
+  post-LayerNorm block of BERT (LN(x + f(x, context))), which is one stream's
+  half of a ViLBERT co-attention layer.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  post_norm: bool = False
+  layer_norm_epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x, context, present, *, train: bool = False):
+    attention = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout,
+        deterministic=not train, name="attention")
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon,
+                                     name=name)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp")
+    mask = key_mask(present, x.shape[1], context.shape[1])
+    any_key = present if present.ndim == 1 else jnp.any(present, axis=-1)
+
+    def attend(queries, keys):
+      return zero_masked(drop(attention(queries, keys, mask=mask)), any_key)
+
+    if self.post_norm:
+      x = norm("norm_attention")(x + attend(x, context))
+      return norm("norm_mlp")(x + drop(ffn(x, train=train)))
+    x = x + attend(norm("norm_attention")(x), norm("norm_context")(context))
+    return x + drop(ffn(norm("norm_mlp")(x), train=train))
+
+
+def sinusoidal_positions(length: int, dim: int) -> jnp.ndarray:
+  """Sinusoidal position embeddings [length, dim] (Vaswani et al., 2017).
+
+  The first ceil(dim / 2) features are sin(p / 10000^(2i/dim)), the rest the
+  matching cosines (the tensor2tensor / fairseq layout used by MulT).
+  """
+  half = (dim + 1) // 2
+  frequencies = jnp.exp(-math.log(10000.0) * 2 * jnp.arange(half) / dim)
+  angles = jnp.arange(length)[:, None] * frequencies[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)[:, :dim]
+
+
+def _check_modalities(tokens, masks, minimum: int, name: str):
+  names = sorted(tokens)
+  if len(names) < minimum:
+    raise ValueError(f"{name} needs at least {minimum} modalities, got "
+                     f"{names}")
+  if sorted(masks) != names:
+    raise ValueError(f"{name}: masks {sorted(masks)} do not match tokens "
+                     f"{names}")
+  return names
+
+
+class CrossAttentionFusion(nn.Module):
+  """One modality's tokens query the others': [B, 2 * dim].
+
+  Every modality's tokens [B, N_m, D_m] are projected to `dim` by their own
+  Dense layer. The query modality (`query`, default the first in sorted order)
+  is updated by `num_layers` pre-LN `CrossAttentionBlock`s whose keys and
+  values are the other modalities' projected tokens, concatenated along the
+  token axis with a per-key mask (a missing modality's keys are masked). The
+  output is concat(mean over the updated query tokens, mean over the present
+  context tokens), after a final LayerNorm on the query stream.
+
+  Masking: when every context modality is missing the attention updates are
+  zero, so the query stream passes only through the feed-forward layers; when
+  the query modality is missing its half of the output is zero; when all are
+  missing the output is zero.
+  """
+  query: str | None = None
+  dim: int = 64
+  num_heads: int = 4
+  num_layers: int = 1
+  mlp_dim: int = 128
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens, masks, *, train: bool = False):
+    names = _check_modalities(tokens, masks, 2, "CrossAttentionFusion")
+    query = names[0] if self.query is None else self.query
+    if query not in names:
+      raise ValueError(f"query modality {query!r} not among {names}")
+    project = lambda m: nn.Dense(self.dim, name=f"proj_{m}")(tokens[m])
+    x = project(query)
+    others = [m for m in names if m != query]
+    context = jnp.concatenate([project(m) for m in others], 1)  # [B, K, dim]
+    present = jnp.concatenate([
+        jnp.broadcast_to(masks[m][:, None], tokens[m].shape[:2])
+        for m in others], 1)  # [B, K]
+    for i in range(self.num_layers):
+      x = CrossAttentionBlock(self.num_heads, self.mlp_dim, self.dropout,
+                              name=f"block_{i}")(x, context, present,
+                                                 train=train)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm_out")(x)
+    pooled_query = zero_masked(pool_tokens(x), masks[query])
+    pooled_context = masked_mean(context, present)
+    return jnp.concatenate([pooled_query, pooled_context], -1)
+
+
+class CoAttentionFusion(nn.Module):
+  """ViLBERT two-stream co-attention: [B, 2 * dim].
+
+  Lu, Batra, Parikh, Lee, "ViLBERT: Pretraining Task-Agnostic Visiolinguistic
+  Representations for Vision-and-Language Tasks", NeurIPS 2019. Exactly two
+  modalities, A and B in sorted name order; each one's tokens [B, N, D_m] are
+  projected to `dim` by its own Dense layer. `layers` is the wiring, read left
+  to right, one character per layer:
+
+    "C": a co-attentional transformer layer (Co-TRM, the paper's Figure 2b).
+         From the layer's inputs H_A, H_B, stream A's queries attend to B's
+         keys and values and B's queries to A's (each direction with its own
+         attention parameters); each stream then adds its input and applies
+         LayerNorm, then its own feed-forward with residual and LayerNorm
+         (BERT-style post-LN).
+    "T": one transformer layer (TRM) on each stream: post-LN self-attention
+         within the stream, with its own parameters per stream.
+
+  e.g. "CT" (default) is one Co-TRM then one TRM per stream; "TCT" adds a TRM
+  before it. Each stream is pooled by the mean over its tokens (`pool="mean"`)
+  or its first token (`pool="first"`, ViLBERT's IMG and CLS tokens), and the
+  output is concat(pooled A, pooled B).
+
+  Masking: when B is missing, A's co-attention output from B is zero (A is
+  not changed by B's content) and B's pooled block is zero; symmetric for A.
+  """
+  dim: int = 64
+  num_heads: int = 4
+  layers: str = "CT"
+  mlp_dim: int = 128
+  dropout: float = 0.0
+  pool: str = "mean"
+
+  @nn.compact
+  def __call__(self, tokens, masks, *, train: bool = False):
+    names = _check_modalities(tokens, masks, 2, "CoAttentionFusion")
+    if len(names) != 2:
+      raise ValueError(f"CoAttentionFusion takes exactly two modalities, got "
+                       f"{names}")
+    if set(self.layers) - set("CT"):
+      raise ValueError(f"layers {self.layers!r} may hold only 'C' and 'T'")
+    if self.pool not in ("mean", "first"):
+      raise ValueError(f"pool must be 'mean' or 'first', got {self.pool!r}")
+    a, b = names
+    xa = nn.Dense(self.dim, name=f"proj_{a}")(tokens[a])
+    xb = nn.Dense(self.dim, name=f"proj_{b}")(tokens[b])
+    for i, kind in enumerate(self.layers):
+      if kind == "C":
+        block = lambda m: CrossAttentionBlock(
+            self.num_heads, self.mlp_dim, self.dropout, post_norm=True,
+            name=f"layer_{i}_co_{m}")
+        xa, xb = (block(a)(xa, xb, masks[b], train=train),
+                  block(b)(xb, xa, masks[a], train=train))
+      else:
+        block = lambda m: TransformerBlock(
+            self.num_heads, self.mlp_dim, self.dropout, post_norm=True,
+            name=f"layer_{i}_self_{m}")
+        xa, xb = block(a)(xa, train=train), block(b)(xb, train=train)
+    pool = pool_tokens if self.pool == "mean" else (lambda x: x[:, 0])
+    return jnp.concatenate([zero_masked(pool(xa), masks[a]),
+                            zero_masked(pool(xb), masks[b])], -1)
+
+
+class MulTFusion(nn.Module):
+  """Multimodal Transformer (MulT): [B, M * (M - 1) * dim].
+
+  Tsai, Bai, Liang, Kolter, Morency, Salakhutdinov, "Multimodal Transformer
+  for Unaligned Multimodal Language Sequences", ACL 2019. Each modality's
+  tokens [B, N_m, D_m] are projected to `dim` by a bias-free 1D temporal
+  convolution of width `kernel_size` (1 in the authors' code, where it is a
+  per-token Dense layer), and sinusoidal position embeddings are added
+  (Z^[0] = X + PE). For every ordered pair (target m, source s != m) a
+  crossmodal transformer CM_{s->m} of `num_layers` pre-LN
+  `CrossAttentionBlock`s lets the target's tokens query the source's tokens
+  (layer-normed, as in the paper), with a final LayerNorm. The M - 1 outputs
+  for target m are concatenated along features ([B, N_m, (M - 1) * dim]) and
+  passed through a self-attention transformer of `self_layers` pre-LN blocks
+  (plus a final LayerNorm), then pooled by the mean over tokens (the paper
+  takes the last element; the mean does not depend on which end of the
+  sequence holds the data). The output concatenates the targets in sorted
+  order.
+
+  Masking: a missing source's keys are masked and its crossmodal residual
+  updates are zero, so it contributes nothing to its targets; a missing
+  target's output block is zero.
+  """
+  dim: int = 64
+  num_heads: int = 4
+  num_layers: int = 1
+  self_layers: int = 1
+  mlp_dim: int = 128
+  dropout: float = 0.0
+  kernel_size: int = 1
+
+  @nn.compact
+  def __call__(self, tokens, masks, *, train: bool = False):
+    names = _check_modalities(tokens, masks, 2, "MulTFusion")
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    embedded = {}
+    for m in names:
+      x = nn.Conv(self.dim, (self.kernel_size,), padding="SAME",
+                  use_bias=False, name=f"proj_{m}")(tokens[m])
+      x = x + sinusoidal_positions(x.shape[1], self.dim).astype(x.dtype)
+      embedded[m] = drop(x)
+    outputs = []
+    for m in names:
+      streams = []
+      for s in names:
+        if s == m:
+          continue
+        x = embedded[m]
+        for i in range(self.num_layers):
+          x = CrossAttentionBlock(self.num_heads, self.mlp_dim, self.dropout,
+                                  name=f"cross_{s}_to_{m}_{i}")(
+                                      x, embedded[s], masks[s], train=train)
+        streams.append(nn.LayerNorm(epsilon=1e-6,
+                                    name=f"cross_{s}_to_{m}_norm")(x))
+      x = jnp.concatenate(streams, -1)  # [B, N_m, (M - 1) * dim]
+      for i in range(self.self_layers):
+        x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
+                             name=f"self_{m}_{i}")(x, train=train)
+      x = nn.LayerNorm(epsilon=1e-6, name=f"self_{m}_norm")(x)
+      outputs.append(zero_masked(pool_tokens(x), masks[m]))
+    return jnp.concatenate(outputs, -1)

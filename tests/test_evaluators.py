@@ -1,0 +1,37 @@
+"""Evaluators on hand-made predictions."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.evaluators import missing_modality
+
+
+class Batches:
+  """Re-iterable batches, like `pipeline.EvalBatches`."""
+
+  def __init__(self, batches):
+    self._batches = batches
+
+  def __iter__(self):
+    return iter(self._batches)
+
+
+def test_missing_modality_removes_each_modality_in_turn():
+  # Labels 0..9; the "image" says the label, the "audio" says label 0 always.
+  # The predictor trusts the image when present, else the audio.
+  labels = np.arange(10) % 4
+  batch = {"image": jnp.asarray(labels), "audio": jnp.zeros(10, np.int32),
+           "mask/image": jnp.ones(10, bool), "mask/audio": jnp.ones(10, bool),
+           "label": jnp.asarray(labels), "valid": jnp.asarray(np.arange(10) < 8)}
+
+  def predict(b):
+    chosen = jnp.where(b["mask/image"], b["image"],
+                       jnp.where(b["mask/audio"], b["audio"], 3))
+    return {"logits": jnp.eye(4)[chosen]}
+
+  results = dict(missing_modality(predict, Batches([batch])))
+  assert results == {
+      "without_audio/accuracy": 1.0,
+      # Without the image every prediction is 0: labels[:8] has two zeros.
+      "without_image/accuracy": 2 / 8,
+  }
