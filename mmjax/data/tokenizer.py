@@ -20,7 +20,7 @@ def _tokenizers():
 
 
 class WordPieceTokenizer:
-  """BERT's WordPiece tokeniser: strings -> (ids int32 [B, L], mask bool [B, L]).
+  """BERT's WordPiece tokeniser: B strings -> ids int32, mask bool [B, L].
 
   Wu et al., "Google's Neural Machine Translation System: Bridging the Gap
   between Human and Machine Translation", arXiv 2016 (WordPiece), as used by

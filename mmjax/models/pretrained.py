@@ -207,7 +207,8 @@ def load_bert(directory: str | os.PathLike
     if not path.is_file():
       raise FileNotFoundError(f"BERT checkpoint file {path} does not exist")
   try:
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from safetensors.numpy import load_file
   except ImportError as e:
     raise ImportError('loading checkpoints needs `safetensors`: pip install -e '
                       '".[text]"') from e

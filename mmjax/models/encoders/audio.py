@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models.layers import TransformerBlock
+
 
 def hz_to_mel(freqs):
   """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
@@ -100,3 +102,57 @@ class LogMelSpectrogram(nn.Module):
 
 
 FRONTENDS = {"logmel": LogMelSpectrogram}
+
+
+class AudioSpectrogramTransformer(nn.Module):
+  """AST: a transformer over overlapping spectrogram patches.
+
+  Gong, Chung, Glass, "AST: Audio Spectrogram Transformer", Interspeech 2021.
+  A spectrogram [B, F, T] (or [B, F, T, 1]) is cut into `patch` x `patch`
+  patches with strides `strides` (the paper: 16x16 with stride 10 in both
+  axes, so patches overlap by 6), each linearly embedded (one strided
+  convolution), plus learned position embeddings and two learned tokens in
+  front, [CLS] and the distillation token of DeiT; pre-LayerNorm transformer
+  blocks and a final LayerNorm follow. The paper's representation is the mean
+  of the two leading tokens' outputs: `pool="cls"` returns it, [B, 1, D];
+  `pool="none"` returns the patch tokens [B, N, D]. Input is normalised by
+  `(x - mean) / (2 * std)` with the dataset statistics `norm_mean`,
+  `norm_std`, as the paper does (defaults: no normalisation).
+  """
+  width: int = 192
+  depth: int = 4
+  num_heads: int = 3
+  mlp_dim: int = 768
+  patch: int = 16
+  strides: tuple[int, int] = (10, 10)
+  pool: str = "cls"
+  dropout: float = 0.0
+  norm_mean: float = 0.0
+  norm_std: float = 0.5
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    if self.pool not in ("cls", "none"):
+      raise ValueError(f"AST pool={self.pool!r}; known: cls, none")
+    if x.ndim == 3:
+      x = x[..., None]
+    x = (x - self.norm_mean) / (2 * self.norm_std)
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.strides,
+                padding="VALID", name="patch_embedding")(x)
+    b, h, w, d = x.shape
+    if h == 0 or w == 0:
+      raise ValueError(f"AST needs at least {self.patch} bins and frames")
+    x = x.reshape(b, h * w, d)
+    leading = self.param("leading_tokens", nn.initializers.normal(0.02),
+                         (1, 2, d))
+    x = jnp.concatenate([jnp.broadcast_to(leading, (b, 2, d)), x], 1)
+    x = x + self.param("position_embedding", nn.initializers.normal(0.02),
+                       (1, h * w + 2, d))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    for i in range(self.depth):
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
+                           name=f"block_{i}")(x, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    if self.pool == "cls":
+      return jnp.mean(x[:, :2], axis=1, keepdims=True)
+    return x[:, 2:]

@@ -25,7 +25,7 @@ def _padding_mask(token_ids, padding_mask):
 
 
 class BertEncoder(nn.Module):
-  """A BERT-compatible Transformer encoder: [B, L] ids -> [B, L, D] or [B, 1, D].
+  """A BERT-compatible Transformer encoder: ids [B, L] -> [B, L or 1, D].
 
   Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for
   Language Understanding", NAACL 2019: the input is the sum of word, learned
@@ -84,8 +84,9 @@ class BertEncoder(nn.Module):
       raise ValueError(f"token_ids must be [B, L], got {token_ids.shape}")
     length = token_ids.shape[1]
     if length > self.max_position_embeddings:
-      raise ValueError(f"sequence length {length} exceeds "
-                       f"max_position_embeddings={self.max_position_embeddings}")
+      raise ValueError(
+          f"sequence length {length} exceeds max_position_embeddings="
+          f"{self.max_position_embeddings}")
     present = _padding_mask(token_ids, padding_mask)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(token_ids)

@@ -1,0 +1,54 @@
+"""Video as frames: a per-frame encoder, then temporal pooling or attention."""
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.layers import TransformerBlock
+
+
+class FrameEncoder(nn.Module):
+  """Video [B, T, H, W, C] -> tokens, one image encoder shared by all frames.
+
+  Every frame goes through the same image encoder `frame` (an `ENCODERS`
+  spec, e.g. `{"name": "lenet"}`), whose tokens are mean-pooled to one vector
+  per frame, [B, T, D]. `temporal="mean"` averages the frames, [B, 1, D]
+  (the late-pooling baseline of Karpathy et al., "Large-scale Video
+  Classification with Convolutional Neural Networks", CVPR 2014);
+  `temporal="transformer"` adds learned time embeddings and runs
+  `temporal_layers` pre-LayerNorm transformer blocks over the frames, [B, T, D]
+  (the factorised "late" temporal encoder of ViViT, Arnab et al., ICCV 2021).
+  """
+  frame: Mapping
+  temporal: str = "mean"
+  temporal_layers: int = 1
+  num_heads: int = 4
+  max_frames: int = 64
+
+  @nn.compact
+  def __call__(self, video: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    from mmjax.models.encoders import ENCODERS  # pylint: disable=g-import-not-at-top
+    if self.temporal not in ("mean", "transformer"):
+      raise ValueError(f"FrameEncoder temporal={self.temporal!r}; known: "
+                       "mean, transformer")
+    if video.ndim == 4:
+      video = video[..., None]
+    b, t = video.shape[:2]
+    if t > self.max_frames:
+      raise ValueError(f"video has {t} frames, more than max_frames="
+                       f"{self.max_frames}")
+    kwargs = {k: v for k, v in self.frame.items() if k != "name"}
+    encoder = ENCODERS[self.frame["name"]](name="frame_encoder", **kwargs)
+    frames = encoder(video.reshape(b * t, *video.shape[2:]), train=train)
+    frames = jnp.mean(frames, axis=1).reshape(b, t, -1)  # [B, T, D]
+    if self.temporal == "mean":
+      return jnp.mean(frames, axis=1, keepdims=True)
+    width = frames.shape[-1]
+    time = self.param("time_embedding", nn.initializers.normal(0.02),
+                      (self.max_frames, width))
+    x = frames + time[:t]
+    for i in range(self.temporal_layers):
+      x = TransformerBlock(self.num_heads, 4 * width, name=f"temporal_{i}")(
+          x, train=train)
+    return nn.LayerNorm(epsilon=1e-6, name="norm")(x)
