@@ -11,6 +11,8 @@ Arguments (comma list after the colon):
   smoke        a complete run (train, eval, checkpoint) in under 2 minutes on
                2 CPU cores.
   seed=N       the run's seed (init, shuffle).
+  grid         the LeNets skip their last pooling and give 3x3 = 9 tokens per
+               modality (instead of one), for token-level fusions.
 
 Reproduces: the AV-MNIST rows of MultiBench (Liang et al. 2021), LeNet image
 and spectrogram encoders, an MLP head with 100 hidden units. The `avmnist`
@@ -35,7 +37,8 @@ LOGMEL = {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, fusion="concat", clean=False, smoke=False, seed=0)
+  args = parse_arg(arg, fusion="concat", clean=False, smoke=False, seed=0,
+                   grid=False)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
@@ -54,10 +57,11 @@ def get_config(arg=None):
   # Model.
   config.model = ml_collections.ConfigDict()
   config.model.fusion = args.fusion
-  audio = dict(SPECTROGRAM_LENET)
+  image = dict(IMAGE_LENET, final_pool=not args.grid)
+  audio = dict(SPECTROGRAM_LENET, final_pool=not args.grid)
   if args.clean:
     audio["frontend"] = LOGMEL
-  config.model.encoders = {"image": IMAGE_LENET, "audio": audio}
+  config.model.encoders = {"image": image, "audio": audio}
   config.model.fusion_kwargs = ({"encoder": SPECTROGRAM_LENET}
                                 if args.fusion == "early" else {})
   config.model.head_hidden = (100,)

@@ -43,6 +43,10 @@ def test_lenet_recipe_shapes():
                                train=False), jnp.zeros((2, 112, 112)),
                     train=False)
   assert out.shape == (2, 1, 192)
+  grid = LeNet(6, 3, final_pool=False)
+  out = grid.apply(grid.init(jax.random.key(0), jnp.zeros((2, 28, 28)),
+                             train=False), jnp.zeros((2, 28, 28)), train=False)
+  assert out.shape == (2, 9, 48)
 
 
 @pytest.mark.parametrize("fusion", sorted(FUSIONS))

@@ -18,10 +18,13 @@ class LeNet(nn.Module):
 
   Input [B, H, W] or [B, H, W, C]; output tokens [B, H' * W', features *
   2**extra_layers], the positions of the last feature map (MultiBench squeezes
-  a 1x1 map: one token, whose mean over positions is the same vector).
+  a 1x1 map: one token, whose mean over positions is the same vector). With
+  `final_pool=False` the last max pooling is skipped, so token-level fusions
+  see a grid of positions: 3x3 = 9 tokens for both recipes above.
   """
   features: int = 6
   extra_layers: int = 3
+  final_pool: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -33,7 +36,9 @@ class LeNet(nn.Module):
                   use_bias=False, name=f"conv_{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        name=f"bn_{i}")(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+      x = nn.relu(x)
+      if i < self.extra_layers or self.final_pool:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
     if x.shape[1] == 0 or x.shape[2] == 0:
       raise ValueError(f"LeNet with {self.extra_layers + 1} poolings needs an "
                        f"input of at least {2**(self.extra_layers + 1)} pixels "

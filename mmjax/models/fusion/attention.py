@@ -165,10 +165,10 @@ class CoAttentionFusion(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
-    names = _check_modalities(tokens, masks, 2, "CoAttentionFusion")
-    if len(names) != 2:
+    if len(tokens) != 2:
       raise ValueError(f"CoAttentionFusion takes exactly two modalities, got "
-                       f"{names}")
+                       f"{sorted(tokens)}")
+    names = _check_modalities(tokens, masks, 2, "CoAttentionFusion")
     if set(self.layers) - set("CT"):
       raise ValueError(f"layers {self.layers!r} may hold only 'C' and 'T'")
     if self.pool not in ("mean", "first"):
@@ -176,18 +176,20 @@ class CoAttentionFusion(nn.Module):
     a, b = names
     xa = nn.Dense(self.dim, name=f"proj_{a}")(tokens[a])
     xb = nn.Dense(self.dim, name=f"proj_{b}")(tokens[b])
+    widths = (self.num_heads, self.mlp_dim, self.dropout)
     for i, kind in enumerate(self.layers):
-      if kind == "C":
-        block = lambda m: CrossAttentionBlock(
-            self.num_heads, self.mlp_dim, self.dropout, post_norm=True,
-            name=f"layer_{i}_co_{m}")
-        xa, xb = (block(a)(xa, xb, masks[b], train=train),
-                  block(b)(xb, xa, masks[a], train=train))
+      if kind == "C":  # Both directions read the layer's inputs.
+        co_a = CrossAttentionBlock(*widths, post_norm=True,
+                                   name=f"layer_{i}_co_{a}")
+        co_b = CrossAttentionBlock(*widths, post_norm=True,
+                                   name=f"layer_{i}_co_{b}")
+        xa, xb = (co_a(xa, xb, masks[b], train=train),
+                  co_b(xb, xa, masks[a], train=train))
       else:
-        block = lambda m: TransformerBlock(
-            self.num_heads, self.mlp_dim, self.dropout, post_norm=True,
-            name=f"layer_{i}_self_{m}")
-        xa, xb = block(a)(xa, train=train), block(b)(xb, train=train)
+        xa = TransformerBlock(*widths, post_norm=True,
+                              name=f"layer_{i}_self_{a}")(xa, train=train)
+        xb = TransformerBlock(*widths, post_norm=True,
+                              name=f"layer_{i}_self_{b}")(xb, train=train)
     pool = pool_tokens if self.pool == "mean" else (lambda x: x[:, 0])
     return jnp.concatenate([zero_masked(pool(xa), masks[a]),
                             zero_masked(pool(xb), masks[b])], -1)
