@@ -27,7 +27,8 @@ class PerceiverResampler(nn.Module):
 
     latents = latents + Attention(q=LN_l(latents),
                                   kv=concat(LN_x(x), LN_l(latents)))
-    latents = latents + FFW(latents),   FFW = Dense(D) o GELU o Dense(mlp_dim) o LN
+    latents = latents + FFW(latents)
+    FFW = Dense(D) o GELU o Dense(mlp_dim) o LayerNorm
 
   with separate LayerNorms for media (LN_x) and latents (LN_l), as in the
   paper's pseudo-code, then a final LayerNorm. The output has a fixed number
