@@ -11,6 +11,9 @@ Arguments (comma list after the colon):
   smoke        a complete run (train, eval, checkpoint) in under 2 minutes on
                2 CPU cores.
   seed=N       the run's seed (init, shuffle).
+  drop=P       modality dropout: each modality is removed from a training
+               example with probability P (never both).
+  steps=N      train for N steps instead of one epoch (430).
   grid         the LeNets skip their last pooling and give 3x3 = 9 tokens per
                modality (instead of one), for token-level fusions.
 
@@ -38,7 +41,7 @@ LOGMEL = {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
 
 def get_config(arg=None):
   args = parse_arg(arg, fusion="concat", clean=False, smoke=False, seed=0,
-                   grid=False)
+                   grid=False, drop=0.0, steps=430)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
@@ -68,14 +71,14 @@ def get_config(arg=None):
   # Probability of removing each modality from a training example, and how a
   # missing modality reaches the fusion ("zero": masked out; "token": a
   # learned mask token).
-  config.model.modality_dropout = {"image": 0.0, "audio": 0.0}
+  config.model.modality_dropout = {"image": args.drop, "audio": args.drop}
   config.model.missing = "zero"
   config.model.num_classes = 10
   config.objective = "supervised"
 
   # Optimisation.
   config.batch_size = 128
-  config.total_steps = 430  # one epoch of the 55,000 training pairs
+  config.total_steps = args.steps  # 430: one epoch of the 55,000 training pairs
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 1e-3
@@ -91,7 +94,7 @@ def get_config(arg=None):
 
   # Logging, evaluation and checkpoints.
   config.log_every = 50
-  config.eval_every = 430
+  config.eval_every = args.steps
   config.eval_batch_size = 500
   config.checkpoint_every = 100
   config.keep_checkpoints = 3

@@ -335,6 +335,8 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
         row["mfu"] = flops_per_step * interval_steps / elapsed / peak
         if time_to_first_step is not None:
           row["time_to_first_step_s"], time_to_first_step = time_to_first_step, None
+          row["num_params"] = sum(x.size for x in jax.tree.leaves(state.params))
+          row["train_flops_per_example"] = flops_per_step / config.batch_size
         writer.write(step, row)
         interval_start, interval_steps, accumulated = time.time(), 0, None
       if step % config.eval_every == 0 or done:

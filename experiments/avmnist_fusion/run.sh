@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains every AV-MNIST fusion with the default recipe for the given seeds and
 # writes the summary table.
-# Usage: bash experiments/avmnist_fusion/run.sh RUNS_DIR "SEEDS" [FUSION ...] [-- --config.KEY=VALUE ...]
+# Usage: [ARGS=a,b=c] bash experiments/avmnist_fusion/run.sh RUNS_DIR "SEEDS" [FUSION ...] [-- --config.KEY=VALUE ...]
 #   e.g. bash experiments/avmnist_fusion/run.sh /tmp/avmnist_runs "0 1 2"
+# ARGS are extra configs/avmnist.py arguments for every run (e.g. grid,steps=200).
 # A finished run is skipped; an interrupted one resumes.
 set -euo pipefail
 runs=${1:?usage: run.sh RUNS_DIR "SEEDS" [FUSION ...] [-- overrides]}; seeds=${2:-0}; shift 2 || shift $#
@@ -15,7 +16,7 @@ for seed in $seeds; do
     dir="$runs/${fusion}_s${seed}"
     if [[ -f $dir/metrics.jsonl ]] && grep -q wall_time_s "$dir/metrics.jsonl"; then continue; fi
     echo "$(date +%T) $fusion seed $seed"
-    python -m mmjax.train --config "configs/avmnist.py:fusion=$fusion,seed=$seed" \
+    python -m mmjax.train --config "configs/avmnist.py:fusion=$fusion,seed=$seed${ARGS:+,$ARGS}" \
       --workdir "$dir" "$@" > "$dir.log" 2>&1 || echo "  failed: see $dir.log"
   done
 done

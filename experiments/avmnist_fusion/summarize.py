@@ -5,8 +5,10 @@
 RUNS_DIR holds one run directory per (fusion, seed), named `<fusion>_s<seed>`
 (as written by run.sh); unfinished runs are left out. Run it on the machine
 that trained the runs: it names that machine. For each fusion: test accuracy mean and std over the
-seeds found, validation accuracy, wall time per run and training throughput,
-read from each run's metrics.jsonl.
+seeds found, test accuracy with the audio and with the image removed (where
+the run evaluated `missing_modality`), parameters, training FLOPs per example,
+train step time, wall time per run and training throughput, read from each
+run's metrics.jsonl.
 """
 
 import collections
@@ -55,19 +57,30 @@ def main(runs_dir: str):
         "wall": last(rows, "wall_time_s"),
         "eps": np.mean([r["examples_per_sec"] for r in rows
                         if "examples_per_sec" in r][1:] or [float("nan")]),
+        "step_ms": 1e3 / np.mean([r["steps_per_sec"] for r in rows
+                                  if "steps_per_sec" in r][1:] or [np.nan]),
+        "no_audio": last(rows, "eval/test/missing_modality/without_audio/accuracy"),
+        "no_image": last(rows, "eval/test/missing_modality/without_image/accuracy"),
+        "params": last(rows, "num_params"),
+        "flops": last(rows, "train_flops_per_example"),
         "steps": config["total_steps"], "dataset": config["dataset"]})
   print(f"Machine: {machine()}, jax {jax.__version__}.\n")
-  print("| fusion | test accuracy (%) | seeds | val accuracy (%) | "
-        "wall time per run (s) | train examples/s |")
-  print("|---|---|---|---|---|---|")
+  print("| fusion | test accuracy (%) | seeds | without audio (%) | "
+        "without image (%) | val accuracy (%) | parameters | "
+        "train MFLOP/example | step time (ms) | wall time per run (s) |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  fmt = lambda x, spec: "-" if np.isnan(x) else format(x, spec)
   for fusion, rs in sorted(runs.items(), key=lambda kv: np.mean(
       [r["test"] for r in kv[1]])):
     test = 100 * np.array([r["test"] for r in rs])
     std = f" ± {test.std(ddof=1):.2f}" if len(rs) > 1 else ""
+    mean = lambda key: np.mean([r[key] for r in rs])
     print(f"| {fusion} | {test.mean():.2f}{std} | {len(rs)} | "
-          f"{100 * np.mean([r['val'] for r in rs]):.2f} | "
-          f"{np.mean([r['wall'] for r in rs]):.0f} | "
-          f"{np.mean([r['eps'] for r in rs]):.0f} |")
+          f"{fmt(100 * mean('no_audio'), '.2f')} | "
+          f"{fmt(100 * mean('no_image'), '.2f')} | "
+          f"{fmt(100 * mean('val'), '.2f')} | {fmt(mean('params'), ',.0f')} | "
+          f"{fmt(mean('flops') / 1e6, '.1f')} | {fmt(mean('step_ms'), '.0f')} | "
+          f"{mean('wall'):.0f} |")
   votes = [r["vote"] for r in runs.get("late", []) if not np.isnan(r["vote"])]
   if votes:
     print(f"\nLate fusion, majority vote over modalities: "

@@ -1,8 +1,39 @@
-"""Per-modality encoders, chosen by name (`ENCODERS`), and audio front ends."""
+"""Per-modality encoders, chosen by name (`ENCODERS`), and audio front ends.
 
-from mmjax.models.encoders.audio import FRONTENDS, LogMelSpectrogram
+Every encoder maps its modality's input to tokens [B, N, D] (a pooled encoder
+gives [B, 1, D]) and is called as `encoder(x, train=...)`.
+
+  name               module                        input
+  lenet              image.LeNet                   image or spectrogram [B, H, W(, C)]
+  resnet             resnet.ResNet                 image [B, H, W(, C)]
+  vit                vit.ViT                       image [B, H, W(, C)]
+  ast                audio.AudioSpectrogramTransformer  spectrogram [B, F, T]
+  frames             video.FrameEncoder            video [B, T, H, W(, C)]
+  bert               text.BertEncoder              token ids [B, L]
+  bag_of_embeddings  text.BagOfEmbeddings          token ids [B, L]
+
+`FRONTENDS` turn raw signals into encoder inputs: `logmel`, waveform [B, T]
+-> log-mel spectrogram or MFCC [B, F, T'].
+"""
+
+from mmjax.models.encoders.audio import (FRONTENDS, AudioSpectrogramTransformer,
+                                         LogMelSpectrogram)
 from mmjax.models.encoders.image import LeNet
+from mmjax.models.encoders.resnet import ResNet
+from mmjax.models.encoders.text import BagOfEmbeddings, BertEncoder
+from mmjax.models.encoders.video import FrameEncoder
+from mmjax.models.encoders.vit import ViT
 
-ENCODERS = {"lenet": LeNet}
+ENCODERS = {
+    "lenet": LeNet,
+    "resnet": ResNet,
+    "vit": ViT,
+    "ast": AudioSpectrogramTransformer,
+    "frames": FrameEncoder,
+    "bert": BertEncoder,
+    "bag_of_embeddings": BagOfEmbeddings,
+}
 
-__all__ = ["ENCODERS", "FRONTENDS", "LeNet", "LogMelSpectrogram"]
+__all__ = ["ENCODERS", "FRONTENDS", "AudioSpectrogramTransformer",
+           "BagOfEmbeddings", "BertEncoder", "FrameEncoder", "LeNet",
+           "LogMelSpectrogram", "ResNet", "ViT"]
