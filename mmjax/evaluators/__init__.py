@@ -1,16 +1,33 @@
 """Evaluators: `evaluator(predict_fn, batches) -> iterator of (name, value)`.
 
-`predict_fn(batch)` returns a dict of arrays (at least "logits" [B, K]);
+`predict_fn(batch)` returns a dict of arrays ("logits" [B, K] from a
+classifier, "embedding/<modality>" [B, D] from contrastive towers);
 `batches` is re-iterable (each `iter` is a new pass) and yields batch dicts
 with a boolean "valid" [B] that marks padding. The trainer logs the
 `classification` metrics as `eval/<split>/<metric>` and every other
 evaluator's as `eval/<split>/<evaluator>/<metric>`.
+
+Options come from config (`config.evaluators` maps a name to its keyword
+arguments); the trainer turns `train_split` into `train_batches`.
+
+  classification    accuracy, loss (and majority vote for late fusion)
+  missing_modality  accuracy with each modality removed
+  retrieval         R@K in both directions, several items per example
+  zero_shot         nearest class embedding: prompts or prototypes
+  linear_probe      closed-form ridge classifier on frozen embeddings
 """
 
 from mmjax.evaluators.classification import classification
+from mmjax.evaluators.linear_probe import linear_probe
 from mmjax.evaluators.missing_modality import missing_modality
+from mmjax.evaluators.retrieval import retrieval
+from mmjax.evaluators.zero_shot import zero_shot
 
 EVALUATORS = {"classification": classification,
-              "missing_modality": missing_modality}
+              "missing_modality": missing_modality,
+              "retrieval": retrieval,
+              "zero_shot": zero_shot,
+              "linear_probe": linear_probe}
 
-__all__ = ["EVALUATORS", "classification", "missing_modality"]
+__all__ = ["EVALUATORS", "classification", "linear_probe", "missing_modality",
+           "retrieval", "zero_shot"]
