@@ -14,6 +14,9 @@ Arguments (comma list after the colon):
   drop=P       modality dropout: each modality is removed from a training
                example with probability P (never both).
   steps=N      train for N steps instead of one epoch (430).
+  image=NAME    image encoder: lenet (default), resnet (ResNet-18 v1.5, width
+               16, CIFAR stem) or vit (4 layers, width 64, 7x7 patches).
+  audio=NAME    audio encoder: lenet (default) or ast (4 layers, width 64).
   grid         the LeNets skip their last pooling and give 3x3 = 9 tokens per
                modality (instead of one), for token-level fusions.
 
@@ -32,16 +35,23 @@ once the dataset is built.
 import ml_collections
 
 from mmjax.configs import parse_arg
+from mmjax.errors import UsageError
 
 IMAGE_LENET = {"name": "lenet", "features": 6, "extra_layers": 3}
 SPECTROGRAM_LENET = {"name": "lenet", "features": 6, "extra_layers": 5}
+RESNET = {"name": "resnet", "depth": 18, "width": 16, "stem": "cifar"}
+VIT = {"name": "vit", "width": 64, "depth": 4, "mlp_dim": 128, "num_heads": 4,
+       "patch_size": 7, "pool": "none"}
+AST = {"name": "ast", "width": 64, "depth": 4, "mlp_dim": 128, "num_heads": 4,
+       "pool": "none"}
 LOGMEL = {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
           "hop_length": 64, "n_mels": 64}
 
 
 def get_config(arg=None):
   args = parse_arg(arg, fusion="concat", clean=False, smoke=False, seed=0,
-                   grid=False, drop=0.0, steps=430)
+                   grid=False, drop=0.0, steps=430, image="lenet",
+                   audio="lenet")
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
@@ -54,14 +64,20 @@ def get_config(arg=None):
   config.train_split = "train"
   config.eval_splits = ("val", "test")
   # mmjax/evaluators: accuracy and loss; accuracy with each modality removed.
-  config.evaluators = ("classification", "missing_modality")
+  config.evaluators = {"classification": {}, "missing_modality": {}}
   config.data_workers = 0  # grain worker processes; 0 = in the main process
 
   # Model.
   config.model = ml_collections.ConfigDict()
   config.model.fusion = args.fusion
-  image = dict(IMAGE_LENET, final_pool=not args.grid)
-  audio = dict(SPECTROGRAM_LENET, final_pool=not args.grid)
+  image = {"lenet": dict(IMAGE_LENET, final_pool=not args.grid),
+           "resnet": RESNET, "vit": VIT}.get(args.image)
+  audio = {"lenet": dict(SPECTROGRAM_LENET, final_pool=not args.grid),
+           "ast": AST}.get(args.audio)
+  if image is None or audio is None:
+    raise UsageError(f"config arguments image={args.image}, audio={args.audio}:"
+                     " known image encoders lenet, resnet, vit; audio lenet, ast")
+  audio = dict(audio)
   if args.clean:
     audio["frontend"] = LOGMEL
   config.model.encoders = {"image": image, "audio": audio}

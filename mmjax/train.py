@@ -12,6 +12,7 @@ with status 2; a non-finite loss stops the run (status 1) and keeps the last
 good checkpoint.
 """
 
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
+from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.multimodal import MISSING, MultimodalClassifier
 
 USAGE = ("usage: python -m mmjax.{prog} --config configs/X.py[:ARGS] "
@@ -85,7 +87,6 @@ def check_config(config):
   """Fails at config time on any unknown name, listing the known ones."""
   name = config.dataset.split("/")[0]
   configs.check_choice("dataset", name, builders.BUILDERS)
-  configs.check_choice("model.fusion", config.model.fusion, FUSIONS)
   configs.check_choice("objective", config.objective, objectives.OBJECTIVES)
   configs.check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   configs.check_choice("optimizer.schedule", config.optimizer.schedule,
@@ -103,11 +104,13 @@ def check_config(config):
                            spec["frontend"]["name"], FRONTENDS)
   for evaluator in config.evaluators:
     configs.check_choice("evaluators", evaluator, evaluators.EVALUATORS)
-  configs.check_choice("model.missing", config.model.missing, MISSING)
-  for modality, rate in config.model.modality_dropout.items():
-    if not 0 <= rate < 1:
-      raise UsageError(f"config key 'model.modality_dropout.{modality}' must "
-                       f"be in [0, 1), got {rate}")
+  if config.objective == "supervised":
+    configs.check_choice("model.fusion", config.model.fusion, FUSIONS)
+    configs.check_choice("model.missing", config.model.missing, MISSING)
+    for modality, rate in config.model.modality_dropout.items():
+      if not 0 <= rate < 1:
+        raise UsageError(f"config key 'model.modality_dropout.{modality}' "
+                         f"must be in [0, 1), got {rate}")
   for key in ("batch_size", "total_steps", "log_every", "eval_every",
               "checkpoint_every", "eval_batch_size"):
     if config[key] <= 0:
@@ -122,7 +125,14 @@ def check_config(config):
 # ------------------------------------------------------ model & optimizer ---
 
 
-def build_model(config) -> MultimodalClassifier:
+def build_model(config):
+  """The classifier (objective "supervised") or the contrastive towers."""
+  if config.objective != "supervised":
+    return ContrastiveModel(
+        modalities=tuple(config.modalities),
+        encoders=configs.to_dict(config.model.encoders),
+        embed_dim=config.model.embed_dim,
+        objective=config.objective.split("_")[0])
   return MultimodalClassifier(
       modalities=tuple(config.modalities),
       encoders=configs.to_dict(config.model.encoders),
@@ -159,6 +169,15 @@ def build_optimizer(config):
   tx = OPTIMIZERS[c.name](schedule, c)
   if c.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+  if config.get("frozen"):
+    # LiT (Zhai et al., "LiT: Zero-Shot Transfer with Locked-image text
+    # Tuning", CVPR 2022): parameters whose path matches are never updated.
+    pattern = re.compile(config.frozen)
+    labels = lambda params: flax.traverse_util.path_aware_map(
+        lambda path, _: "frozen" if pattern.fullmatch("/".join(path))
+        else "trained", params)
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               labels)
   return tx, schedule
 
 
@@ -202,10 +221,10 @@ def make_train_step(model, tx, objective):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      logits, updates = model.apply(
+      outputs, updates = model.apply(
           {"params": params, "batch_stats": state.batch_stats}, batch,
           train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-      loss, metrics = objective(logits, batch)
+      loss, metrics = objective(outputs, batch)
       return loss, (metrics, updates.get("batch_stats", {}))
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
@@ -224,19 +243,33 @@ def make_train_step(model, tx, objective):
 
 
 def make_predict_fn(model):
-  """(state, batch) -> {"logits", and for late fusion "modality_logits",
-  "modality_present"}."""
+  """(state, batch) -> the model's outputs as a dict: {"logits", and for late
+  fusion "modality_logits", "modality_present"}, or the contrastive model's
+  {"embedding/<m>", ...}."""
   def predict(state: TrainState, batch: dict) -> dict:
-    logits, extra = model.apply(
+    outputs, extra = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, batch,
         train=False, mutable=["intermediates"])
-    out = {"logits": logits}
+    out = dict(outputs) if isinstance(outputs, dict) else {"logits": outputs}
     sown = extra.get("intermediates", {}).get("fusion", {})
     for key in ("modality_logits", "modality_present"):
       if key in sown:
         out[key] = sown[key][0]
     return out
   return jax.jit(predict)
+
+
+def evaluator_options(config, options, mesh) -> dict:
+  """An evaluator's config options as keyword arguments; a `train_split`
+  option becomes `train_batches`, that split's `EvalBatches`."""
+  options = configs.to_dict(options)
+  split = options.pop("train_split", None)
+  if split:
+    options["train_batches"] = pipeline.EvalBatches(
+        pipeline.data_source(config, split), config, config.eval_batch_size,
+        parallel.batch_sharding(mesh), jax.process_index(),
+        jax.process_count())
+  return options
 
 
 def evaluate_splits(config, predict, state, sources: dict, mesh) -> dict:
@@ -247,11 +280,12 @@ def evaluate_splits(config, predict, state, sources: dict, mesh) -> dict:
     batches = pipeline.EvalBatches(source, config, config.eval_batch_size,
                                     parallel.batch_sharding(mesh),
                                     jax.process_index(), jax.process_count())
-    for evaluator in config.evaluators:
+    for evaluator, options in config.evaluators.items():
       prefix = (f"eval/{split}/" if evaluator == "classification"
                 else f"eval/{split}/{evaluator}/")
       for name, value in evaluators.EVALUATORS[evaluator](
-          lambda batch: predict(state, batch), batches):
+          lambda batch: predict(state, batch), batches,
+          **evaluator_options(config, options, mesh)):
         results[prefix + name] = float(value)
   return results
 
@@ -291,8 +325,8 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
     ckpt.close()
     return state
 
-  step_fn = jax.jit(make_train_step(model, tx,
-                                    objectives.OBJECTIVES[config.objective]),
+  step_fn = jax.jit(make_train_step(
+      model, tx, objectives.make_objective(config.objective, mesh)),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, None), donate_argnums=(0,))
   first_batch = next(data)
