@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 import flax
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,10 @@ from mmjax import (checkpoint, configs, evaluators, metric_writers, objectives,
                    parallel)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
+from mmjax.evaluators import zero_shot
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
+from mmjax.models import pretrained
 from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.multimodal import MISSING, MultimodalClassifier
 
@@ -128,11 +131,15 @@ def check_config(config):
 def build_model(config):
   """The classifier (objective "supervised") or the contrastive towers."""
   if config.objective != "supervised":
+    # A tower whose whole encoder matches `frozen` also skips its backward.
+    frozen = re.compile(config.frozen) if config.frozen else None
     return ContrastiveModel(
         modalities=tuple(config.modalities),
         encoders=configs.to_dict(config.model.encoders),
         embed_dim=config.model.embed_dim,
-        objective=config.objective.split("_")[0])
+        objective=config.objective.split("_")[0],
+        locked=tuple(m for m in config.modalities
+                     if frozen and frozen.fullmatch(f"tower_{m}/encoder/")))
   return MultimodalClassifier(
       modalities=tuple(config.modalities),
       encoders=configs.to_dict(config.model.encoders),
@@ -182,12 +189,39 @@ def build_optimizer(config):
 
 
 def example_batch_spec(source, config, batch_size: int) -> dict:
-  """ShapeDtypeStructs of one batch, read off the first example."""
-  example = pipeline.Preprocess(tuple(config.modalities),
-                                config.audio_length).map(source[0])
+  """ShapeDtypeStructs of one training batch, read off the first example."""
+  ds = pipeline.train_transforms(
+      grain.MapDataset.source(source)[:1].seed(config.seed), config)
   return {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v),
                                   np.asarray(v).dtype)
-          for k, v in example.items()}
+          for k, v in ds[0].items()}
+
+
+def load_pretrained(state: TrainState, inits) -> TrainState:
+  """Overwrites parameter subtrees with pretrained weights, keeping shardings.
+
+  `inits` maps a parameter path ("tower_text/encoder") to a pretrained
+  checkpoint name: "minilm" is sentence-transformers all-MiniLM-L6-v2
+  (`mmjax.models.pretrained`).
+  """
+  loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
+  params = jax.tree.map(lambda x: x, state.params)  # fresh containers
+  for path, name in inits.items():
+    configs.check_choice(f"model.init.{path}", name, loaders)
+    *parents, leaf = path.split("/")
+    node = params
+    for key in parents:
+      node = node[key]
+    old, new = node[leaf], loaders[name]()
+    if jax.tree.structure(old) != jax.tree.structure(new) or any(
+        o.shape != np.shape(n) for o, n in zip(jax.tree.leaves(old),
+                                               jax.tree.leaves(new))):
+      raise UsageError(f"config key 'model.init': '{name}' does not fit the "
+                       f"parameters at '{path}'")
+    node[leaf] = jax.tree.map(
+        lambda o, n: jax.device_put(np.asarray(n, o.dtype), o.sharding),
+        old, new)
+  return state.replace(params=params)
 
 
 def create_train_state(config, model, tx, batch_spec, mesh):
@@ -259,10 +293,21 @@ def make_predict_fn(model):
   return jax.jit(predict)
 
 
-def evaluator_options(config, options, mesh) -> dict:
-  """An evaluator's config options as keyword arguments; a `train_split`
-  option becomes `train_batches`, that split's `EvalBatches`."""
+def evaluator_options(config, options, mesh, predict_fn) -> dict:
+  """An evaluator's config options as keyword arguments.
+
+  A `train_split` option becomes `train_batches`, that split's `EvalBatches`;
+  a `prompts` option ({"class_names", "templates"}) becomes
+  `class_embeddings`, the text tower's prompt-ensembled class embeddings.
+  """
   options = configs.to_dict(options)
+  prompts = options.pop("prompts", None)
+  if prompts:
+    tokenizer = pipeline.text_tokenizer(config)
+    embed = lambda texts: predict_fn({"text": tokenizer(texts)[0]})[
+        "embedding/text"]
+    options["class_embeddings"] = zero_shot.class_embeddings_from_prompts(
+        embed, prompts["class_names"], prompts["templates"])
   split = options.pop("train_split", None)
   if split:
     options["train_batches"] = pipeline.EvalBatches(
@@ -285,7 +330,8 @@ def evaluate_splits(config, predict, state, sources: dict, mesh) -> dict:
                 else f"eval/{split}/{evaluator}/")
       for name, value in evaluators.EVALUATORS[evaluator](
           lambda batch: predict(state, batch), batches,
-          **evaluator_options(config, options, mesh)):
+          **evaluator_options(config, options, mesh,
+                              lambda batch: predict(state, batch))):
         results[prefix + name] = float(value)
   return results
 
@@ -309,6 +355,8 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
   tx, schedule = build_optimizer(config)
   batch_spec = example_batch_spec(train_source, config, config.batch_size)
   state, shardings = create_train_state(config, model, tx, batch_spec, mesh)
+  if config.get("model") and config.model.get("init"):
+    state = load_pretrained(state, config.model.init)
 
   writer = metric_writers.MetricWriter(workdir, config.total_steps,
                                        configs.to_dict(config))

@@ -8,13 +8,17 @@ small JSON-able dict saved in every checkpoint.
 
 Every example leaves the pipeline as `{modality: array, "mask/<modality>":
 bool, "label": int32}`; a waveform is padded or cut to `audio_length` so that
-shapes are static under jit.
+shapes are static under jit. A modality the record lacks is left out (e.g.
+"text" on a labelled eval split that zero-shot classifies from prompts), as
+is a missing label. With `config.text.templates`, training examples get
+"text": a prompt made from a random template and the example's class name,
+tokenised (`PromptText`).
 """
 
 import dataclasses
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 from absl import flags
@@ -34,13 +38,45 @@ class Preprocess(grain.transforms.Map):
   def map(self, record):
     example = {}
     for m in self.modalities:
+      if m not in record:
+        continue
       x = np.asarray(record[m])
-      if x.ndim == 1 and self.audio_length:  # a waveform
+      if m == "audio" and x.ndim == 1 and self.audio_length:  # a waveform
         x = fit_length(x, self.audio_length)
       example[m] = x
       example[f"mask/{m}"] = np.bool_(True)
-    example["label"] = np.int32(record["label"])
+    if "label" in record:
+      example["label"] = np.int32(record["label"])
     return example
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptText(grain.transforms.RandomMap):
+  """Adds "text" [max_length] int32: a random template filled with the class.
+
+  The text side of LiT-style training on a labelled dataset: for an example
+  with label k, one of `templates` (e.g. "a photo of the digit {}.") is drawn
+  and formatted with `class_names[k]`, then tokenised by `tokenizer`
+  (a callable: list of strings -> (ids [N, L], mask [N, L])).
+  """
+  tokenizer: Callable
+  class_names: Sequence[str]
+  templates: Sequence[str]
+
+  def random_map(self, record, rng: np.random.Generator):
+    template = self.templates[rng.integers(len(self.templates))]
+    ids, _ = self.tokenizer([template.format(
+        self.class_names[int(record["label"])])])
+    return {**record, "text": ids[0]}
+
+
+def text_tokenizer(config):
+  """The tokenizer named by `config.text.tokenizer` ("minilm")."""
+  from mmjax.models import pretrained  # pylint: disable=import-outside-toplevel
+  if config.text.tokenizer != "minilm":
+    raise UsageError(f"unknown text.tokenizer '{config.text.tokenizer}' "
+                     "(known: minilm)")
+  return pretrained.minilm_tokenizer(config.text.max_length)
 
 
 def fit_length(waveform: np.ndarray, length: int) -> np.ndarray:
@@ -66,6 +102,15 @@ def data_source(config, split: str):
   return builder.as_data_source(split=split)
 
 
+def train_transforms(ds: grain.MapDataset, config) -> grain.MapDataset:
+  """The per-example training transforms: optional prompts, then Preprocess."""
+  if config.get("text") and config.text.templates:
+    ds = ds.random_map(PromptText(text_tokenizer(config),
+                                  tuple(config.text.class_names),
+                                  tuple(config.text.templates)))
+  return ds.map(Preprocess(tuple(config.modalities), config.audio_length))
+
+
 class TrainIterator:
   """Endless sharded training batches with a checkpointable position."""
 
@@ -73,9 +118,8 @@ class TrainIterator:
                process_count: int = 1):
     local_batch = config.batch_size // process_count
     ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = (ds.seed(config.seed).shuffle().repeat()
-          .map(Preprocess(tuple(config.modalities), config.audio_length))
-          .batch(local_batch, drop_remainder=True))
+    ds = ds.seed(config.seed).shuffle().repeat()
+    ds = train_transforms(ds, config).batch(local_batch, drop_remainder=True)
     ds = ds.to_iter_dataset()
     if config.data_workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags

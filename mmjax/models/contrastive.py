@@ -4,6 +4,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models.encoders import ENCODERS, FRONTENDS
@@ -22,9 +23,12 @@ class Tower(nn.Module):
   Input [B, ...] -> embedding [B, embed_dim], L2-normalised. With
   `multi_item=True` the input is [B, C, ...] (e.g. C captions per image) and
   the output [B, C, embed_dim]: the C items are encoded as a batch of B * C.
+  A `locked` tower stops gradients at its encoder's output, so its frozen
+  encoder costs no backward pass.
   """
   encoder: Mapping
   embed_dim: int
+  locked: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool,
@@ -38,6 +42,8 @@ class Tower(nn.Module):
       x = FRONTENDS[frontend["name"]](name="frontend", **kwargs)(x)
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     tokens = ENCODERS[spec["name"]](name="encoder", **kwargs)(x, train=train)
+    if self.locked:  # no backward pass through a frozen encoder
+      tokens = jax.lax.stop_gradient(tokens)
     z = nn.Dense(self.embed_dim, name="projection")(pool_tokens(tokens))
     z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
     return z.reshape(lead + (self.embed_dim,))
@@ -59,11 +65,16 @@ class ContrastiveModel(nn.Module):
     encoders: per modality an `ENCODERS` spec plus optional "frontend".
     embed_dim: width of the shared embedding space.
     objective: "softmax" or "sigmoid", for the initial scale and bias.
+    locked: modalities whose encoder is frozen (see `Tower.locked`).
+
+  Only the towers of modalities present in the batch run (e.g. the text
+  tower alone to embed class prompts).
   """
   modalities: Sequence[str]
   encoders: Mapping[str, Mapping]
   embed_dim: int = 128
   objective: str = "softmax"
+  locked: Sequence[str] = ()
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False) -> dict:
@@ -72,7 +83,10 @@ class ContrastiveModel(nn.Module):
                log_scale), ()),
            "bias": self.param("bias", nn.initializers.constant(bias), ())}
     for m in self.modalities:
+      if m not in batch:
+        continue
       out[f"embedding/{m}"] = Tower(self.encoders[m], self.embed_dim,
+                                    locked=m in self.locked,
                                     name=f"tower_{m}")(
           modality_input(batch, m), train=train,
           multi_item=f"valid/{m}" in batch)
