@@ -30,7 +30,7 @@ from mmjax import (checkpoint, configs, evaluators, metric_writers, objectives,
                    parallel)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
-from mmjax.evaluators import zero_shot
+from mmjax.evaluators.zero_shot import class_embeddings_from_prompts
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
 from mmjax.models import pretrained
@@ -306,7 +306,7 @@ def evaluator_options(config, options, mesh, predict_fn) -> dict:
     tokenizer = pipeline.text_tokenizer(config)
     embed = lambda texts: predict_fn({"text": tokenizer(texts)[0]})[
         "embedding/text"]
-    options["class_embeddings"] = zero_shot.class_embeddings_from_prompts(
+    options["class_embeddings"] = class_embeddings_from_prompts(
         embed, prompts["class_names"], prompts["templates"])
   split = options.pop("train_split", None)
   if split:
