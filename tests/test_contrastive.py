@@ -1,0 +1,113 @@
+"""Contrastive towers, prompt text, pretrained init and the LiT lock."""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import configs, parallel, train
+from mmjax.data import pipeline
+from mmjax.errors import UsageError
+from mmjax.models.contrastive import ContrastiveModel
+
+TEXT = {"name": "bag_of_embeddings", "vocab_size": 50, "dim": 8}
+IMAGE = {"name": "lenet", "features": 2, "extra_layers": 1}
+
+
+def batch(b=3, captions=0, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (b, captions, 6) if captions else (b, 6)
+  out = {"image": rng.integers(0, 255, (b, 8, 8, 1), dtype=np.uint8),
+         "text": rng.integers(1, 50, shape).astype(np.int32)}
+  if captions:
+    out["valid/text"] = np.ones((b, captions), bool)
+  return out
+
+
+def test_towers_normalise_and_embed_several_items_per_example():
+  model = ContrastiveModel(modalities=("image", "text"),
+                           encoders={"image": IMAGE, "text": TEXT},
+                           embed_dim=4, objective="sigmoid")
+  variables = model.init(jax.random.key(0), batch(), train=False)
+  out = model.apply(variables, batch(), train=False)
+  assert out["embedding/image"].shape == out["embedding/text"].shape == (3, 4)
+  np.testing.assert_allclose(jnp.linalg.norm(out["embedding/text"], axis=-1),
+                             1.0, rtol=1e-5)
+  np.testing.assert_allclose([out["log_scale"], out["bias"]],
+                             [np.log(10.0), -10.0], rtol=1e-6)
+  multi = batch(captions=5)
+  out = model.apply(variables, multi, train=False)
+  assert out["embedding/text"].shape == (3, 5, 4)
+  # Caption 2 of example 1 embeds as it would alone.
+  single = model.apply(variables, {"text": multi["text"][1:2, 2]}, train=False)
+  np.testing.assert_allclose(out["embedding/text"][1, 2],
+                             single["embedding/text"][0], atol=1e-6)
+  assert "embedding/image" not in single
+
+
+def test_locked_tower_passes_no_gradient_to_its_encoder():
+  model = ContrastiveModel(modalities=("image", "text"),
+                           encoders={"image": IMAGE, "text": TEXT},
+                           embed_dim=4, locked=("text",))
+  variables = model.init(jax.random.key(0), batch(), train=False)
+
+  def loss(params):
+    out = model.apply({**variables, "params": params}, batch(), train=False)
+    return jnp.sum(out["embedding/image"] * out["embedding/text"])
+
+  grads = jax.grad(loss)(variables["params"])
+  assert all(float(jnp.abs(g).sum()) == 0
+             for g in jax.tree.leaves(grads["tower_text"]["encoder"]))
+  assert float(jnp.abs(grads["tower_text"]["projection"]["kernel"]).sum()) > 0
+
+
+def test_prompt_text_is_seeded_and_names_the_class():
+  made = []
+
+  def tokenizer(texts):
+    made.extend(texts)
+    return np.array([[len(made)]], np.int32), np.ones((1, 1), bool)
+
+  records = [{"label": i % 3} for i in range(6)]
+  prompts = pipeline.PromptText(tokenizer, ("zero", "one", "two"),
+                                ("a {}", "the {}!"))
+  ds = grain.MapDataset.source(records).seed(7).random_map(prompts)
+  first = [ds[i]["text"] for i in range(6)]
+  texts = list(made)
+  for i in range(6):  # a second pass draws the same templates
+    ds[i]  # pylint: disable=pointless-statement
+  assert made[6:] == texts
+  for i, text in enumerate(texts):
+    assert text in (f"a {('zero', 'one', 'two')[i % 3]}",
+                    f"the {('zero', 'one', 'two')[i % 3]}!")
+  assert len(set(texts)) > 3
+  assert all(x.shape == (1,) for x in first)
+
+
+def test_load_pretrained_overwrites_a_subtree_and_checks_shapes(monkeypatch):
+  config = configs.load_config("configs/av_contrastive.py:smoke")
+  with config.unlocked():
+    config.model.encoders = {"image": IMAGE, "audio": IMAGE}
+  mesh = parallel.make_mesh(8)
+  model = train.build_model(config)
+  spec = {k: jax.ShapeDtypeStruct((8,) + v.shape[1:], v.dtype)
+          for k, v in batch(8).items() if k == "image"}
+  spec["audio"] = spec["image"]
+  state, _ = train.create_train_state(
+      config, model, train.build_optimizer(config)[0], spec, mesh)
+  target = state.params["tower_audio"]["encoder"]
+  fake = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32), target)
+  monkeypatch.setattr(train.pretrained, "load_minilm", lambda: ({}, fake))
+  loaded = train.load_pretrained(state, {"tower_audio/encoder": "minilm"})
+  for new, old in zip(jax.tree.leaves(loaded.params["tower_audio"]["encoder"]),
+                      jax.tree.leaves(target)):
+    np.testing.assert_array_equal(new, 0.5)
+    assert new.sharding == old.sharding
+  np.testing.assert_array_equal(
+      loaded.params["tower_image"]["projection"]["kernel"],
+      state.params["tower_image"]["projection"]["kernel"])
+  with pytest.raises(UsageError, match="does not fit"):
+    train.load_pretrained(state, {"tower_image/projection": "minilm"})
+  with pytest.raises(UsageError, match="unknown model.init"):
+    train.load_pretrained(state, {"tower_image/encoder": "bert-huge"})
