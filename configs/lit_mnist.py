@@ -26,6 +26,7 @@ Expected result and runtime: see README "Contrastive results".
 import ml_collections
 
 from mmjax.configs import parse_arg
+from mmjax.models.pretrained import MINILM_ENCODER
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven",
           "eight", "nine")
@@ -34,10 +35,6 @@ TRAIN_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.",
                    "a drawing of the digit {}.", "a black and white {}.")
 EVAL_TEMPLATES = ("a picture of the number {}.", "this is a {}.",
                   "a scanned digit: {}.", "someone wrote {} by hand.")
-MINILM = {"name": "bert", "vocab_size": 30522, "hidden_size": 384,
-          "num_layers": 6, "num_heads": 12, "intermediate_size": 1536,
-          "max_position_embeddings": 512, "type_vocab_size": 2,
-          "layer_norm_eps": 1e-12, "pool": "mean"}
 
 
 def get_config(arg=None):
@@ -68,7 +65,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.encoders = {
       "image": {"name": "lenet", "features": 6, "extra_layers": 3},
-      "text": MINILM}
+      "text": MINILM_ENCODER}
   config.model.embed_dim = 64
   config.model.init = {"tower_text/encoder": "minilm"}
   config.frozen = "tower_text/encoder/.*"

@@ -111,3 +111,22 @@ def test_load_pretrained_overwrites_a_subtree_and_checks_shapes(monkeypatch):
     train.load_pretrained(state, {"tower_image/projection": "minilm"})
   with pytest.raises(UsageError, match="unknown model.init"):
     train.load_pretrained(state, {"tower_image/encoder": "bert-huge"})
+
+
+def fake_tokenizer(texts):
+  ids = np.array([[len(t), t.count(" ") + 1] for t in texts], np.int32)
+  return ids, np.ones_like(ids, bool)
+
+
+def test_caption_transforms_draw_one_or_take_all():
+  record = {"captions": np.array([b"a dog", b"two cats sit", b"x"], object)}
+  train_ds = grain.MapDataset.source([record] * 40).seed(3).random_map(
+      pipeline.CaptionText(fake_tokenizer))
+  drawn = {tuple(train_ds[i]["text"]) for i in range(40)}
+  assert drawn == {(5, 2), (12, 3), (1, 1)}
+  every = pipeline.AllCaptions(fake_tokenizer, num_captions=4).map(record)
+  np.testing.assert_array_equal(every["text"],
+                                [[5, 2], [12, 3], [1, 1], [0, 0]])
+  np.testing.assert_array_equal(every["valid/text"], [1, 1, 1, 0])
+  example = pipeline.Preprocess(("text",)).map(every)
+  assert example["valid/text"].shape == (4,) and "label" not in example

@@ -366,6 +366,9 @@ def test_minilm_config(minilm):
                         layer_norm_eps=1e-12)
   assert params["layer_5"]["attention"]["query"]["kernel"].shape == (384, 12,
                                                                      32)
+  spec = {k: v for k, v in pretrained.MINILM_ENCODER.items()
+          if k not in ("name", "pool")}
+  assert spec == config  # the configs' encoder spec fits the weights
 
 
 SENTENCES = [

@@ -47,6 +47,8 @@ class Preprocess(grain.transforms.Map):
       example[f"mask/{m}"] = np.bool_(True)
     if "label" in record:
       example["label"] = np.int32(record["label"])
+    if "valid/text" in record:
+      example["valid/text"] = record["valid/text"]
     return example
 
 
@@ -68,6 +70,48 @@ class PromptText(grain.transforms.RandomMap):
     ids, _ = self.tokenizer([template.format(
         self.class_names[int(record["label"])])])
     return {**record, "text": ids[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionText(grain.transforms.RandomMap):
+  """Training: "text" [max_length] int32, one of the record's captions.
+
+  Each visit of an image draws one of its `key` captions (e.g. COCO's five),
+  tokenised by `tokenizer`, as in CLIP and ALIGN training on caption data.
+  """
+  tokenizer: Callable
+  key: str = "captions"
+
+  def random_map(self, record, rng: np.random.Generator):
+    captions = _strings(record[self.key])
+    ids, _ = self.tokenizer([captions[rng.integers(len(captions))]])
+    return {**record, "text": ids[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class AllCaptions(grain.transforms.Map):
+  """Evaluation: "text" [C, max_length] int32 and "valid/text" [C] bool.
+
+  Every caption of the record (`key`), so that retrieval scores an image
+  against all of them; C is fixed by `num_captions` (extra captions are cut,
+  missing ones are padding with "valid/text" False).
+  """
+  tokenizer: Callable
+  num_captions: int
+  key: str = "captions"
+
+  def map(self, record):
+    captions = _strings(record[self.key])[:self.num_captions]
+    ids, _ = self.tokenizer(captions)
+    text = np.zeros((self.num_captions, ids.shape[1]), np.int32)
+    text[:len(captions)] = ids
+    valid = np.arange(self.num_captions) < len(captions)
+    return {**record, "text": text, "valid/text": valid}
+
+
+def _strings(values) -> list[str]:
+  return [v.decode() if isinstance(v, bytes) else str(v)
+          for v in np.asarray(values).reshape(-1)]
 
 
 def text_tokenizer(config):
@@ -104,10 +148,13 @@ def data_source(config, split: str):
 
 def train_transforms(ds: grain.MapDataset, config) -> grain.MapDataset:
   """The per-example training transforms: optional prompts, then Preprocess."""
-  if config.get("text") and config.text.templates:
+  if config.get("text") and config.text.get("templates"):
     ds = ds.random_map(PromptText(text_tokenizer(config),
                                   tuple(config.text.class_names),
                                   tuple(config.text.templates)))
+  if config.get("text") and config.text.get("captions_key"):
+    ds = ds.random_map(CaptionText(text_tokenizer(config),
+                                   config.text.captions_key))
   return ds.map(Preprocess(tuple(config.modalities), config.audio_length))
 
 
@@ -154,9 +201,13 @@ class EvalBatches:
                process_index=0, process_count=1):
     self._local_batch = batch_size // process_count
     self._sharding = sharding
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if config.get("text") and config.text.get("captions_key"):
+      ds = ds.map(AllCaptions(text_tokenizer(config),
+                              config.text.num_captions,
+                              config.text.captions_key))
     self._dataset = (
-        grain.MapDataset.source(source)[process_index::process_count]
-        .map(Preprocess(tuple(config.modalities), config.audio_length))
+        ds.map(Preprocess(tuple(config.modalities), config.audio_length))
         .batch(self._local_batch, drop_remainder=False))
 
   def __iter__(self) -> Iterator[dict]:

@@ -218,6 +218,14 @@ def load_bert(directory: str | os.PathLike
   return config, params
 
 
+# The ENCODERS spec of all-MiniLM-L6-v2 (its config.json), mean-pooled as
+# sentence-transformers does; `load_minilm()` gives the matching weights.
+MINILM_ENCODER = {"name": "bert", "vocab_size": 30522, "hidden_size": 384,
+                  "num_layers": 6, "num_heads": 12, "intermediate_size": 1536,
+                  "max_position_embeddings": 512, "type_vocab_size": 2,
+                  "layer_norm_eps": 1e-12, "pool": "mean"}
+
+
 def load_minilm() -> tuple[dict[str, Any], dict[str, Any]]:
   """all-MiniLM-L6-v2 as (BertEncoder config, params); see `load_bert`.
 
