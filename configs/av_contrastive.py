@@ -9,6 +9,7 @@ Arguments (comma list after the colon):
                   sigmoid_ring (SigLIP blockwise around the devices).
   smoke           a complete run in under 2 minutes on 2 CPU cores.
   seed=N          the run's seed.
+  steps=N         training steps (default 300 of 128 pairs, 0.7 epoch).
 
 Data: `avmnist/clean`, FSDD recordings (raw waveform, log-mel in the model)
 paired with MNIST images of the same digit, MultiBench pairing; test pairs use
@@ -35,7 +36,7 @@ AUDIO_LENET = {"name": "lenet", "features": 6, "extra_layers": 5,
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=430)
+  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=300)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 

@@ -8,7 +8,7 @@ Arguments (comma list after the colon):
   objective=NAME  softmax (default), sigmoid or sigmoid_ring.
   smoke           a complete run in under 2 minutes on 2 CPU cores.
   seed=N          the run's seed.
-  steps=N         training steps (default 200).
+  steps=N         training steps (default 100, about 50 epochs).
 
 Data: `coco_mini`, the 86 redistributable (CC BY, CC BY-SA) COCO images at
 64x64 with their 5 human captions; train 66, test 20 images. Each training
@@ -30,7 +30,7 @@ from mmjax.models.pretrained import MINILM_ENCODER
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=200)
+  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=100)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
