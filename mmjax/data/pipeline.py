@@ -212,7 +212,7 @@ class EvalBatches:
 
   def __iter__(self) -> Iterator[dict]:
     for batch in self._dataset.to_iter_dataset():
-      n = batch["label"].shape[0]
+      n = len(next(iter(batch.values())))
       batch["valid"] = np.ones(n, bool)
       if n < self._local_batch:
         batch = {k: np.concatenate(
