@@ -35,7 +35,7 @@ once the dataset is built.
 
 import ml_collections
 
-from mmjax.configs import parse_arg
+from mmjax.configs import parse_arg, set_training
 from mmjax.errors import UsageError
 
 IMAGE_LENET = {"name": "lenet", "features": 6, "extra_layers": 3}
@@ -93,35 +93,8 @@ def get_config(arg=None):
   config.model.num_classes = 10
   config.objective = "supervised"
 
-  # Optimisation.
-  config.batch_size = 128
-  config.total_steps = args.steps  # 430: one epoch of the 55,000 training pairs
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.momentum = 0.9  # sgd only
-  config.optimizer.warmup_steps = 20
-  config.optimizer.schedule = "cosine"
-  config.optimizer.grad_clip_norm = 0.0  # 0 = off
-
-  # Parallelism.
-  config.mesh_devices = 0  # 0 = all devices
-  config.sharding = "dp"
-
-  # Logging, evaluation and checkpoints.
-  config.log_every = 50
-  config.eval_every = args.steps
-  config.eval_batch_size = 500
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 3
-  config.peak_flops = 0.0  # 0 = from the device table in metric_writers.py
-
+  # Optimisation, parallelism, logging and checkpoints.
+  set_training(config, batch_size=128, steps=args.steps, smoke=args.smoke)
   if args.smoke:
-    config.total_steps = 40
-    config.optimizer.warmup_steps = 5
-    config.log_every = 10
-    config.eval_every = 40
-    config.checkpoint_every = 20
     config.eval_splits = ("val",)
   return config

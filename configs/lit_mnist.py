@@ -25,7 +25,7 @@ Expected result and runtime: see README "Contrastive results".
 
 import ml_collections
 
-from mmjax.configs import parse_arg
+from mmjax.configs import parse_arg, set_training
 from mmjax.models.pretrained import MINILM_ENCODER
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven",
@@ -70,34 +70,6 @@ def get_config(arg=None):
   config.model.init = {"tower_text/encoder": "minilm"}
   config.frozen = "tower_text/encoder/.*"
 
-  # Optimisation.
-  config.batch_size = 128
-  config.total_steps = args.steps
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.momentum = 0.9
-  config.optimizer.warmup_steps = 20
-  config.optimizer.schedule = "cosine"
-  config.optimizer.grad_clip_norm = 0.0
-
-  # Parallelism.
-  config.mesh_devices = 0
-  config.sharding = "dp"
-
-  # Logging, evaluation and checkpoints.
-  config.log_every = 50
-  config.eval_every = args.steps
-  config.eval_batch_size = 500
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 3
-  config.peak_flops = 0.0
-
-  if args.smoke:
-    config.total_steps = 40
-    config.optimizer.warmup_steps = 5
-    config.log_every = 10
-    config.eval_every = 40
-    config.checkpoint_every = 20
+  # Optimisation, parallelism, logging and checkpoints.
+  set_training(config, batch_size=128, steps=args.steps, smoke=args.smoke)
   return config

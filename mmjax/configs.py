@@ -122,3 +122,34 @@ def to_dict(config) -> dict:
   if isinstance(config, (tuple, list)):
     return [to_dict(v) for v in config]
   return config
+
+
+def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
+                 steps: int, smoke: bool, log_every: int = 50,
+                 eval_batch_size: int = 500, checkpoint_every: int = 100):
+  """The optimisation, parallelism, logging and checkpoint keys every config
+  shares: AdamW 1e-3 (weight decay 1e-4), cosine schedule with 20 warmup
+  steps, data-parallel over all devices, evaluation at the end. `smoke`
+  shortens the run to 40 steps (train, eval, checkpoint) for a quick check.
+  """
+  config.batch_size = batch_size
+  config.total_steps = 40 if smoke else steps
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.momentum = 0.9  # sgd only
+  config.optimizer.warmup_steps = 5 if smoke else 20
+  config.optimizer.schedule = "cosine"
+  config.optimizer.grad_clip_norm = 0.0  # 0 = off
+
+  config.mesh_devices = 0  # 0 = all devices
+  config.sharding = "dp"
+
+  config.log_every = 10 if smoke else log_every
+  config.eval_every = config.total_steps
+  config.eval_batch_size = eval_batch_size
+  config.checkpoint_every = 20 if smoke else checkpoint_every
+  config.keep_checkpoints = 3
+  config.peak_flops = 0.0  # 0 = from the device table in metric_writers.py
+  return config
