@@ -31,10 +31,10 @@ from mmjax import (checkpoint, configs, evaluators, metric_writers, objectives,
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
 from mmjax.evaluators.zero_shot import class_embeddings_from_prompts
-from mmjax.models.encoders import ENCODERS, FRONTENDS
-from mmjax.models.fusion import FUSIONS
 from mmjax.models import pretrained
 from mmjax.models.contrastive import ContrastiveModel
+from mmjax.models.encoders import ENCODERS, FRONTENDS
+from mmjax.models.fusion import FUSIONS
 from mmjax.models.multimodal import MISSING, MultimodalClassifier
 
 USAGE = ("usage: python -m mmjax.{prog} --config configs/X.py[:ARGS] "
@@ -325,13 +325,13 @@ def evaluate_splits(config, predict, state, sources: dict, mesh) -> dict:
     batches = pipeline.EvalBatches(source, config, config.eval_batch_size,
                                     parallel.batch_sharding(mesh),
                                     jax.process_index(), jax.process_count())
+    predict_fn = lambda batch: predict(state, batch)
     for evaluator, options in config.evaluators.items():
       prefix = (f"eval/{split}/" if evaluator == "classification"
                 else f"eval/{split}/{evaluator}/")
       for name, value in evaluators.EVALUATORS[evaluator](
-          lambda batch: predict(state, batch), batches,
-          **evaluator_options(config, options, mesh,
-                              lambda batch: predict(state, batch))):
+          predict_fn, batches,
+          **evaluator_options(config, options, mesh, predict_fn)):
         results[prefix + name] = float(value)
   return results
 
@@ -355,7 +355,7 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
   tx, schedule = build_optimizer(config)
   batch_spec = example_batch_spec(train_source, config, config.batch_size)
   state, shardings = create_train_state(config, model, tx, batch_spec, mesh)
-  if config.get("model") and config.model.get("init"):
+  if config.model.get("init"):
     state = load_pretrained(state, config.model.init)
 
   writer = metric_writers.MetricWriter(workdir, config.total_steps,
