@@ -147,7 +147,8 @@ def data_source(config, split: str):
 
 
 def train_transforms(ds: grain.MapDataset, config) -> grain.MapDataset:
-  """The per-example training transforms: optional prompts, then Preprocess."""
+  """The per-example training transforms: optional prompt or caption text,
+  then Preprocess."""
   if config.get("text") and config.text.get("templates"):
     ds = ds.random_map(PromptText(text_tokenizer(config),
                                   tuple(config.text.class_names),
