@@ -471,6 +471,12 @@ def metric(row: dict, name: str, dataset: str | None = None):
   return row[keys[0]]
 
 
+def cell(value, spec: str = ".0f") -> str:
+  """A table cell of a results value; "-" where it is None (a rate such as
+  examples_per_sec when a run logged too few intervals to measure one)."""
+  return "-" if value is None else format(value, spec)
+
+
 # -------------------------------------------------------------- machines ---
 
 

@@ -34,16 +34,12 @@ import pathlib
 
 import matplotlib.pyplot as plt
 
-from mmjax.sweep import load_results, metric
+from mmjax.sweep import cell, load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))
 rows = [r for r in load_results(RESULTS) if r["status"] == "ok"]
 print(f"{len(rows)} finished runs on {rows[0]['machine']}")
-
-def fmt(value, spec=".0f"):
-  """A table cell; "-" where a run logged too few intervals for a rate."""
-  return "-" if value is None else format(value, spec)
 
 
 # %%
@@ -59,7 +55,7 @@ for i, objective in enumerate(sorted({r["objective"] for r in rows})):
           label=objective)
   for r, a in zip(runs, accuracy):
     print(f"| {objective} | {r['batch']} | {r['total_steps']} | {a:.2f} | "
-          f"{fmt(r['examples_per_sec'])} | {r['wall_time_s']:.0f} |")
+          f"{cell(r['examples_per_sec'])} | {r['wall_time_s']:.0f} |")
 ax.set_xscale("log", base=2)
 ax.set_xlabel("batch size (same number of training pairs)")
 ax.set_ylabel("zero-shot digit accuracy (%)")

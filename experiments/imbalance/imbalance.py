@@ -46,7 +46,7 @@ import pathlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mmjax.sweep import load_results, metric
+from mmjax.sweep import cell, load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))
@@ -55,10 +55,6 @@ rows = sorted((r for r in load_results(RESULTS) if r["status"] == "ok"),
               key=lambda r: ORDER.index(r["imbalance"]))
 print(f"{len(rows)} finished runs of {rows[0]['total_steps']} steps on "
       f"{rows[0]['machine']}")
-
-def fmt(value, spec=".0f"):
-  """A table cell; "-" where a run logged too few intervals for a rate."""
-  return "-" if value is None else format(value, spec)
 
 # %%
 COLUMNS = {"fused": "classification/accuracy",
@@ -69,7 +65,7 @@ print("| method | " + " | ".join(f"{c} (%)" for c in COLUMNS) +
 print("|---|" + "---|" * (len(COLUMNS) + 1))
 for r in rows:
   cells = " | ".join(f"{100 * metric(r, key):.2f}" for key in COLUMNS.values())
-  print(f"| {r['imbalance']} | {cells} | {fmt(r['examples_per_sec'])} |")
+  print(f"| {r['imbalance']} | {cells} | {cell(r['examples_per_sec'])} |")
 
 fig, ax = plt.subplots(figsize=(6, 3.4))
 width = 0.8 / len(COLUMNS)

@@ -32,7 +32,7 @@ import pathlib
 
 import matplotlib.pyplot as plt
 
-from mmjax.sweep import load_results, metric
+from mmjax.sweep import cell, load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))
@@ -44,10 +44,6 @@ for r in rows:  # the batch size, for the step time, from the run's config
 print(f"{len(rows)} finished runs of {rows[0]['total_steps']} steps on "
       f"{rows[0]['machine']}")
 
-def fmt(value, spec=".0f"):
-  """A table cell; "-" where a run logged too few intervals for a rate."""
-  return "-" if value is None else format(value, spec)
-
 # %%
 print("| latents | test accuracy (%) | parameters | train MFLOP/example | "
       "train examples/s | step time (ms) |")
@@ -57,7 +53,7 @@ for r in rows:
   r["step_ms"] = 1e3 * r["batch_size"] / eps if eps else None
   print(f"| {r['latents']} | {100 * metric(r, 'classification/accuracy'):.2f} "
         f"| {r['num_params']:,} | {r['train_flops_per_example'] / 1e6:.1f} | "
-        f"{fmt(eps)} | {fmt(r['step_ms'])} |")
+        f"{cell(eps)} | {cell(r['step_ms'])} |")
 
 latents = [r["latents"] for r in rows]
 fig, (ax, speed) = plt.subplots(1, 2, figsize=(9, 3.4))
