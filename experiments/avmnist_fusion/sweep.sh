@@ -4,8 +4,8 @@
 source "$(dirname "$0")/../sweep_common.sh"
 FUSIONS=image_only,audio_only,early,concat,late,weighted,hybrid,tensor,low_rank_tensor
 FUSIONS=$FUSIONS,cross_attention,coattention,mult,perceiver,bottleneck
-GRID="fusion=$FUSIONS seed=0,1,2"
+GRID="seed=0,1,2 fusion=$FUSIONS"  # seed slowest: an interrupted sweep has whole seeds
 STEPS=60
-[[ $SMOKE == 1 ]] && GRID="fusion=late seed=0" STEPS=3
+[[ $SMOKE == 1 ]] && GRID="seed=0 fusion=late" STEPS=3
 python -m mmjax.sweep --config configs/avmnist.py:grid,steps=$STEPS --grid "$GRID" \
   --workdir "$WORKDIR" "--config.eval_splits=('test',)" "${SMOKE_ARGS[@]}"

@@ -33,7 +33,7 @@ import pathlib
 
 import matplotlib.pyplot as plt
 
-from mmjax.sweep import load_results, metric
+from mmjax.sweep import cell, load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))
@@ -41,10 +41,6 @@ rows = sorted((r for r in load_results(RESULTS) if r["status"] == "ok"),
               key=lambda r: r["fusion_layer"])
 print(f"{len(rows)} finished runs of {rows[0]['total_steps']} steps on "
       f"{rows[0]['machine']}")
-
-def fmt(value, spec=".0f"):
-  """A table cell; "-" where a run logged too few intervals for a rate."""
-  return "-" if value is None else format(value, spec)
 
 # %%
 print("| fusion_layer | test accuracy (%) | without audio (%) | "
@@ -57,17 +53,22 @@ for r in rows:
         f"{100 * metric(r, 'missing_modality/without_audio/accuracy'):.2f} | "
         f"{100 * metric(r, 'missing_modality/without_image/accuracy'):.2f} | "
         f"{r['num_params']:,} | {r['train_flops_per_example'] / 1e6:.1f} | "
-        f"{fmt(r['examples_per_sec'])} |")
+        f"{cell(r['examples_per_sec'])} |")
 
 layers = [r["fusion_layer"] for r in rows]
 fig, (ax, cost) = plt.subplots(1, 2, figsize=(9, 3.4))
-ax.plot(layers, [100 * metric(r, "classification/accuracy") for r in rows],
-        marker="o")
+for label, key in (("both", "classification/accuracy"),
+                   ("without audio", "missing_modality/without_audio/accuracy"),
+                   ("without image", "missing_modality/without_image/accuracy")):
+  ax.plot(layers, [100 * metric(r, key) for r in rows], marker="o", label=label)
+ax.legend(fontsize=8)
+ax.set_xticks(layers)
 ax.set_xlabel("fusion_layer (0 = early, 4 = late)")
 ax.set_ylabel("test accuracy (%)")
 ax.grid(alpha=0.3)
 cost.plot(layers, [r["train_flops_per_example"] / 1e6 for r in rows],
           marker="o", color="C1")
+cost.set_xticks(layers)
 cost.set_xlabel("fusion_layer")
 cost.set_ylabel("train MFLOP per example")
 cost.grid(alpha=0.3)
