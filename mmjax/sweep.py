@@ -39,11 +39,11 @@ Outputs: DIR/results.json (a list of rows; `load_results(DIR)` reads it, and
 DIR/results.csv (the columns are the union over rows), rewritten whenever a
 point ends. One row per point: the grid values (one column per axis, int,
 float or str), name, status ("ok", "failed" or "pending"), error, attempts,
-steps (the last logged step), total_steps, train/loss at the last logged step,
-the last value of every `eval/<dataset>/<evaluator>/<metric>`, num_params,
-train_flops_per_example, examples_per_sec (the mean over logged intervals
-except each process's first), wall_time_s (the sweep's clock, summed over
-attempts) and machine (CPU model and cores, or accelerator count and kind).
+steps (the last logged step), total_steps, batch_size, train/loss at the last
+logged step, the last value of every `eval/<dataset>/<evaluator>/<metric>`,
+num_params, train_flops_per_example, examples_per_sec (the mean over logged
+intervals except each process's first), wall_time_s (the sweep's clock,
+summed over attempts) and machine (CPU model and cores, or accelerator count and kind).
 
 Exit status: 0 when every point is ok, 1 when any failed, 2 for bad input.
 With --parallel > 1 the runs set XLA_PYTHON_CLIENT_PREALLOCATE=false (unless
@@ -82,7 +82,7 @@ IGNORED_KEYS = ("data_dir", "source_dir", "data_workers", "keep_checkpoints",
                 "peak_flops")
 # results.csv column order around the axes and the sorted eval metrics.
 LEADING = ("name", "status", "error", "attempts", "steps", "total_steps",
-           "train/loss")
+           "batch_size", "train/loss")
 TRAILING = ("num_params", "train_flops_per_example", "examples_per_sec",
             "wall_time_s", "machine")
 INTERRUPTED = 130  # exit status after Ctrl-C, as `mmjax.train`'s
@@ -409,7 +409,8 @@ def result_row(sweep: Sweep, point: Point) -> dict:
   row.update({
       "name": point.name, "status": status, "error": error,
       "attempts": len(attempts), "steps": last_value(rows, "step"),
-      "total_steps": total_steps, "train/loss": last_value(rows, "train/loss")})
+      "total_steps": total_steps, "batch_size": point.config.batch_size,
+      "train/loss": last_value(rows, "train/loss")})
   evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
   row.update({k: last_value(rows, k) for k in evals})
   row.update({

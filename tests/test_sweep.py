@@ -14,7 +14,6 @@ import time
 import pytest
 
 from mmjax import configs, sweep
-from mmjax.data import builders
 from mmjax.errors import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,10 +25,8 @@ TINY = ["--config.total_steps=10", "--config.batch_size=32",
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  builders.get_builder("avmnist", data_dir=str(path))
-  return str(path)
+def data_dir(avmnist_data_dir):
+  return avmnist_data_dir
 
 
 def run_sweep(workdir, grid, *extra, config=CONFIG, **kwargs):
@@ -235,7 +232,7 @@ def test_results_rows_and_columns(tmp_path):
   assert rows[0] == {
       "config.total_steps": 15, "seed": 0, "name": "total_steps=15,seed=0",
       "status": "ok", "error": "", "attempts": 2, "steps": 15,
-      "total_steps": 15, "train/loss": 1.0,
+      "total_steps": 15, "batch_size": points[0].config.batch_size, "train/loss": 1.0,
       "eval/d/classification/accuracy": 0.75, "num_params": 7,
       "train_flops_per_example": 3.0, "examples_per_sec": 40.0,
       "wall_time_s": 5.0, "machine": "m"}
@@ -248,7 +245,8 @@ def test_results_rows_and_columns(tmp_path):
     table = list(csv.DictReader(f))
   assert list(table[0]) == [
       "config.total_steps", "seed", "name", "status", "error", "attempts",
-      "steps", "total_steps", "train/loss", "eval/d/classification/accuracy",
+      "steps", "total_steps", "batch_size", "train/loss",
+      "eval/d/classification/accuracy",
       "num_params", "train_flops_per_example", "examples_per_sec",
       "wall_time_s", "machine"]
   assert table[2]["steps"] == "" and table[0]["examples_per_sec"] == "40.0"

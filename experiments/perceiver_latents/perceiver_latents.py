@@ -26,7 +26,6 @@
 # `$MMJAX_RESULTS/results.json` (default: the results committed here).
 
 # %%
-import json
 import os
 import pathlib
 
@@ -38,9 +37,6 @@ RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))
 rows = sorted((r for r in load_results(RESULTS) if r["status"] == "ok"),
               key=lambda r: r["latents"])
-for r in rows:  # the batch size, for the step time, from the run's config
-  r["batch_size"] = json.loads(
-      (RESULTS / r["name"] / "config.json").read_text())["batch_size"]
 print(f"{len(rows)} finished runs of {rows[0]['total_steps']} steps on "
       f"{rows[0]['machine']}")
 
@@ -60,6 +56,7 @@ fig, (ax, speed) = plt.subplots(1, 2, figsize=(9, 3.4))
 ax.plot(latents, [100 * metric(r, "classification/accuracy") for r in rows],
         marker="o")
 ax.set_xscale("log", base=2)
+ax.set_xticks(latents, [str(n) for n in latents])
 ax.set_xlabel("resampler latents")
 ax.set_ylabel("test accuracy (%)")
 ax.grid(alpha=0.3)
@@ -67,6 +64,7 @@ timed = [r for r in rows if r["step_ms"] is not None]
 speed.plot([r["latents"] for r in timed], [r["step_ms"] for r in timed],
            marker="o", color="C1")
 speed.set_xscale("log", base=2)
+speed.set_xticks(latents, [str(n) for n in latents])
 speed.set_xlabel("resampler latents")
 speed.set_ylabel("train step time (ms)")
 speed.grid(alpha=0.3)
