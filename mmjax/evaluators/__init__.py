@@ -8,6 +8,9 @@ as `eval/<dataset>/<evaluator>/<metric>`, `<dataset>` being the dataset name
 with the split appended unless it is "test" (`train.eval_name`):
 `eval/coco_mini/retrieval/text_to_image/R@1`, `eval/mnist_val/...`.
 
+`batches.KeyedMap` makes seeded test-time variants of `batches` (modalities
+removed at a rate, corruptions), the same for every model.
+
 Options come from config (`config.evaluators` maps a name to its keyword
 arguments); the trainer turns `train_split` into `train_batches`.
 

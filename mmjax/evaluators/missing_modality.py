@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
+from mmjax.evaluators.batches import KeyedMap
 from mmjax.evaluators.classification import classification
 
 
@@ -37,7 +38,8 @@ def missing_modality(predict_fn: Callable[[dict], dict],
   model sees only the others: its masked fusion or learned mask tokens decide
   what a missing modality contributes. With `rates`, modality m is instead
   removed from each example independently with probability `rate` (batch i
-  draws with `fold_in(PRNGKey(seed), i)`, the same examples for every model),
+  draws with `fold_in(fold_in(PRNGKey(seed), i), j)` for the j-th modality,
+  the same examples for every model),
   the others left intact: accuracy against the test-time missing rate.
   """
   modalities = _modalities(batches)
@@ -50,25 +52,11 @@ def missing_modality(predict_fn: Callable[[dict], dict],
     for rate in rates:
       if not 0 <= rate <= 1:
         raise ValueError(f"missing_modality rates must be in [0, 1], got {rate}")
+      def remove_some(batch, key, m=m, j=j, rate=rate):
+        removed = jax.random.bernoulli(jax.random.fold_in(key, j), rate,
+                                       batch[f"mask/{m}"].shape)
+        return remove_modality(batch, m, removed)
       for name, value in classification(
-          predict_fn, _RandomlyRemoved(batches, m, rate, seed, j)):
+          predict_fn, KeyedMap(batches, remove_some, seed)):
         if name == "accuracy":
           yield f"{m}_missing/{rate:g}/accuracy", value
-
-
-class _RandomlyRemoved:
-  """Re-iterable `batches` with `modality` removed from each example with
-  probability `rate`; batch i draws with fold_in(fold_in(PRNGKey(seed), i),
-  salt)."""
-
-  def __init__(self, batches, modality: str, rate: float, seed: int, salt: int):
-    self._batches, self._modality, self._rate = batches, modality, rate
-    self._key = jax.random.PRNGKey(seed)
-    self._salt = salt
-
-  def __iter__(self):
-    for i, batch in enumerate(self._batches):
-      key = jax.random.fold_in(jax.random.fold_in(self._key, i), self._salt)
-      mask = batch[f"mask/{self._modality}"]
-      removed = jax.random.bernoulli(key, self._rate, mask.shape)
-      yield remove_modality(batch, self._modality, removed)

@@ -37,10 +37,10 @@ the same levels.
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-import jax
 import numpy as np
 
 from mmjax.data import corruptions as corruptions_lib
+from mmjax.evaluators.batches import KeyedMap
 from mmjax.evaluators.classification import classification
 
 # MultiBench's severity grid: 0, 0.1, ..., 1.
@@ -169,31 +169,6 @@ def curve_from_results(results: Mapping[str, float], modality: str,
   return [p[0] for p in points], [p[1] for p in points]
 
 
-def batch_key(seed: int, index: int) -> jax.Array:
-  """The corruption key of batch `index`: fold_in(PRNGKey(seed), index)."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed), index)
-
-
-class CorruptedBatches:
-  """Re-iterable `batches` with `modality` corrupted by `corruption` at
-  `level`; batch i uses `batch_key(seed, i)` at every level (the same noise
-  draws and patch positions, scaled), so a rerun gives the same batches."""
-
-  def __init__(self, batches: Iterable[dict], modality: str, corruption: str,
-               level: float, seed: int):
-    self._batches = batches
-    self._modality = modality
-    self._corruption = corruption
-    self._level = level
-    self._seed = seed
-
-  def __iter__(self) -> Iterator[dict]:
-    for i, batch in enumerate(self._batches):
-      x = corruptions_lib.corrupt(batch[self._modality], self._corruption,
-                                  batch_key(self._seed, i), self._level)
-      yield {**batch, self._modality: x}
-
-
 def _accuracy(predict_fn: Callable[[dict], dict], batches: Iterable[dict]
               ) -> float:
   """The `classification` evaluator's accuracy."""
@@ -252,8 +227,10 @@ def robustness(predict_fn: Callable[[dict], dict], batches: Iterable[dict],
       levels = [float(level) for level in corruptions[m][name]]
       curve = []
       for level in levels:
-        accuracy = clean if level == 0 else _accuracy(
-            predict_fn, CorruptedBatches(batches, m, name, level, seed))
+        accuracy = clean if level == 0 else _accuracy(predict_fn, KeyedMap(
+            batches, lambda batch, key, m=m, name=name, level=level: {
+                **batch, m: corruptions_lib.corrupt(batch[m], name, key, level)},
+            seed))
         curve.append(accuracy)
         yield f"{m}/{name}/{level:g}/accuracy", accuracy
       yield (f"{m}/{name}/relative_robustness",
