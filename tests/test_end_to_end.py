@@ -15,7 +15,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmjax.data import builders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--config.total_steps=120", "--config.batch_size=32",
@@ -24,10 +23,8 @@ FAST = ["--config.total_steps=120", "--config.batch_size=32",
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  builders.get_builder("avmnist", data_dir=str(path))
-  return str(path)
+def data_dir(avmnist_data_dir):
+  return avmnist_data_dir
 
 
 def command(workdir, data_dir, *extra, config="configs/avmnist.py:fusion=image_only",

@@ -16,7 +16,6 @@ import jupytext
 import nbclient
 import pytest
 
-from mmjax.data import builders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.parent for p in REPO.glob("experiments/*/sweep.sh"))
@@ -24,12 +23,9 @@ NOTEBOOKS = sorted(p for p in REPO.glob("experiments/*/*.py")
                    if p.read_text().startswith("# ---\n# jupyter:"))
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  for name in ("avmnist", "avmnist/clean"):
-    builders.get_builder(name, data_dir=str(path))
-  return path
+@pytest.fixture(scope="session")
+def tfds_dir(avmnist_data_dir):
+  return avmnist_data_dir
 
 
 def environment(tfds_dir, **extra) -> dict:
