@@ -43,7 +43,8 @@ steps (the last logged step), total_steps, batch_size, train/loss at the last
 logged step, the last value of every `eval/<dataset>/<evaluator>/<metric>`,
 num_params, train_flops_per_example, examples_per_sec (the mean over logged
 intervals except each process's first), wall_time_s (the sweep's clock,
-summed over attempts) and machine (CPU model and cores, or accelerator count and kind).
+summed over attempts) and machine (CPU model and cores, or accelerator count
+and kind).
 
 Exit status: 0 when every point is ok, 1 when any failed, 2 for bad input.
 With --parallel > 1 the runs set XLA_PYTHON_CLIENT_PREALLOCATE=false (unless
