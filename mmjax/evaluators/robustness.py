@@ -227,10 +227,11 @@ def robustness(predict_fn: Callable[[dict], dict], batches: Iterable[dict],
       levels = [float(level) for level in corruptions[m][name]]
       curve = []
       for level in levels:
-        accuracy = clean if level == 0 else _accuracy(predict_fn, KeyedMap(
-            batches, lambda batch, key, m=m, name=name, level=level: {
-                **batch, m: corruptions_lib.corrupt(batch[m], name, key, level)},
-            seed))
+        def corrupt(batch, key, m=m, name=name, level=level):
+          return {**batch,
+                  m: corruptions_lib.corrupt(batch[m], name, key, level)}
+        accuracy = clean if level == 0 else _accuracy(
+            predict_fn, KeyedMap(batches, corrupt, seed))
         curve.append(accuracy)
         yield f"{m}/{name}/{level:g}/accuracy", accuracy
       yield (f"{m}/{name}/relative_robustness",
