@@ -51,17 +51,8 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_source(tmp_path_factory, mnist_arrays):
-  """A source dir with an MNIST subset and (a link to) the real FSDD."""
-  root = tmp_path_factory.mktemp("small_source")
-  (root / "mnist").mkdir()
-  np.savez(root / "mnist" / "mnist.npz",
-           x_train=mnist_arrays["x_train"][:N_SMALL_TRAIN],
-           y_train=mnist_arrays["y_train"][:N_SMALL_TRAIN],
-           x_test=mnist_arrays["x_test"][:N_SMALL_TEST],
-           y_test=mnist_arrays["y_test"][:N_SMALL_TEST])
-  (root / "fsdd").symlink_to(SOURCE / "fsdd")
-  return root
+def small_source(subset_source):
+  return subset_source(N_SMALL_TRAIN, N_SMALL_TEST)
 
 
 def _build_small(tmp_path_factory, source):
