@@ -13,6 +13,7 @@ good checkpoint.
 """
 
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -499,6 +500,10 @@ def quiet_libraries():
 def main(argv: Sequence[str] | None = None, prog: str = "train") -> int:
   start_time = time.time()
   quiet_libraries()
+  # SIGINT stops the run after a checkpoint (KeyboardInterrupt), also when
+  # the process was started with SIGINT ignored, as a shell does for a
+  # background job: `mmjax.sweep` stops its runs with it.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     config, workdir = parse_command_line(
         sys.argv[1:] if argv is None else argv, prog)

@@ -107,6 +107,31 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_dir):
   assert metrics[key] > 0.5
 
 
+def test_sigint_stops_at_a_checkpoint_also_when_the_parent_ignored_it(
+    tmp_path, data_dir):
+  """A shell starts a background job with SIGINT ignored; `mmjax.sweep`
+  stops its runs with SIGINT, so training must take it all the same."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.Popen(
+      command(tmp_path, data_dir, "--config.total_steps=100000",
+              "--config.batch_size=32", "--config.checkpoint_every=5"),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+  try:
+    deadline = time.time() + 300
+    while (time.time() < deadline and proc.poll() is None
+           and not checkpoint_steps(tmp_path / "checkpoints")):
+      time.sleep(0.1)
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, output[-2000:]
+  assert "interrupted at step" in output
+  assert checkpoint_steps(tmp_path / "checkpoints")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
   result = run(command(tmp_path, data_dir, "--config.total_steps=40",
                        "--config.batch_size=32", "--config.checkpoint_every=1",
