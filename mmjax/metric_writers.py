@@ -64,12 +64,12 @@ class MetricWriter:
     self.main = jax.process_index() == 0
     self.total_steps = total_steps
     self._bar = None
+    self._path = self.workdir / "metrics.jsonl"
     if not self.main:
       return
     if config_dict is not None:
       (self.workdir / "config.json").write_text(
           json.dumps(config_dict, indent=2) + "\n")
-    self._path = self.workdir / "metrics.jsonl"
     self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
     if sys.stderr.isatty():
       import tqdm
@@ -85,6 +85,15 @@ class MetricWriter:
       self._path.write_text("".join(r + "\n" for r in rows))
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
+
+  def has_final_row(self, total_steps: int) -> bool:
+    """Whether the final evaluation (the row with `wall_time_s` at
+    `total_steps`) was written; every process reads the same file."""
+    if not self._path.exists():
+      return False
+    rows = [json.loads(line) for line in self._path.read_text().splitlines()
+            if line]
+    return any(r["step"] == total_steps and "wall_time_s" in r for r in rows)
 
   def write(self, step: int, metrics: dict):
     if not self.main:

@@ -9,7 +9,8 @@ iterator's position, so an interrupted run ends bit-identical to an
 uninterrupted one. Writes DIR/config.json, DIR/metrics.jsonl and TensorBoard
 events under DIR/tensorboard. Bad input prints one `error: ...` line and exits
 with status 2; a non-finite loss stops the run (status 1) and keeps the last
-good checkpoint.
+good checkpoint. Each step is checkpointed before it is evaluated, so a run
+stopped during its final evaluation only evaluates when run again.
 """
 
 import re
@@ -395,8 +396,20 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
     writer.resume(int(state.step))
     writer.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
 
+  predict = make_predict_fn(model)
+
+  def evaluate(state, final: bool) -> dict:
+    row = evaluate_splits(config, predict, state, eval_sources, mesh)
+    if final:
+      row["wall_time_s"] = time.time() - start_time  # this process's run
+    return row
+
   if int(state.step) >= config.total_steps:
-    writer.info(f"already trained for {config.total_steps} steps")
+    if writer.has_final_row(config.total_steps):
+      writer.info(f"already trained for {config.total_steps} steps")
+    else:  # stopped during the final evaluation: evaluate, do not train
+      writer.info(f"evaluating the final checkpoint, step {int(state.step)}")
+      writer.write(int(state.step), evaluate(state, final=True))
     writer.close()
     ckpt.close()
     return state
@@ -410,7 +423,6 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
   compiled = step_fn.lower(state, first_batch).compile()
   flops_per_step = metric_writers.compiled_flops(compiled, mesh.size)
   peak = metric_writers.peak_flops(config.peak_flops)
-  predict = make_predict_fn(model)
   # Online G-Blending measures its heads' losses every `every` steps.
   gblend = None
   if balance.method == "gblend":
@@ -462,16 +474,14 @@ def train(config, workdir: str, start_time: float | None = None) -> TrainState:
           row["train_flops_per_example"] = flops_per_step / config.batch_size
         writer.write(step, row)
         interval_start, interval_steps, accumulated = time.time(), 0, None
-      if step % config.eval_every == 0 or done:
-        check_finite(state)
-        row = evaluate_splits(config, predict, state, eval_sources, mesh)
-        if done:
-          row["wall_time_s"] = time.time() - start_time  # this process's run
-        writer.write(step, row)
-        interval_start = time.time()
+      # Checkpoint first: a run stopped during its evaluation keeps the step.
       if step % config.checkpoint_every == 0 or done:
         check_finite(state)
         ckpt.save(step, state, data.get_state())
+      if step % config.eval_every == 0 or done:
+        check_finite(state)
+        writer.write(step, evaluate(state, final=done))
+        interval_start = time.time()
   except KeyboardInterrupt:
     writer.info(f"interrupted at step {step}; the latest checkpoint is step "
                 f"{ckpt.latest_step()}")

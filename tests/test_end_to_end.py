@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mmjax import train
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--config.total_steps=120", "--config.batch_size=32",
@@ -105,6 +107,39 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_dir):
   logged = [r for r in rows if key in r][-1]
   assert metrics[key] == pytest.approx(logged[key], abs=1e-6)
   assert metrics[key] > 0.5
+
+
+def test_stopped_in_its_final_evaluation_keeps_the_step_then_only_evaluates(
+    tmp_path, data_dir, monkeypatch):
+  config, _ = train.parse_command_line(command(
+      tmp_path, data_dir, "--config.total_steps=20", "--config.batch_size=32",
+      "--config.optimizer.warmup_steps=5", "--config.checkpoint_every=100",
+      "--config.eval_every=100", "--config.eval_splits=('val',)",
+      "--config.mesh_devices=1")[3:])
+  evaluate_splits, evaluations = train.evaluate_splits, []
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  def counted(*args, **kwargs):
+    evaluations.append(args)
+    return evaluate_splits(*args, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate_splits", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, str(tmp_path))
+  assert checkpoint_steps(tmp_path / "checkpoints") == [20]
+
+  monkeypatch.setattr(train, "evaluate_splits", counted)
+  monkeypatch.setattr(train, "make_train_step", None)  # training would fail
+  for _ in range(2):  # the second run finds the final row and does nothing
+    assert int(train.train(config, str(tmp_path)).step) == 20
+  assert len(evaluations) == 1
+  rows = [json.loads(line) for line in
+          (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  final = [r for r in rows if "wall_time_s" in r]
+  assert [r["step"] for r in final] == [20]
+  assert 0 <= final[0]["eval/avmnist_val/classification/accuracy"] <= 1
 
 
 def test_sigint_stops_at_a_checkpoint_also_when_the_parent_ignored_it(
