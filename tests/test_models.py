@@ -157,13 +157,13 @@ def test_modality_dropout_acts_only_in_training():
                              atol=1e-6)
 
 
-def test_missing_token_replaces_a_masked_modality():
-  model = MultimodalClassifier(
-      modalities=("image", "audio"), encoders=ENCODERS, fusion="concat",
-      num_classes=10, missing="token")
+@pytest.mark.parametrize("fusion, token_shape", [("concat", (64,)),
+                                                 ("early", (1,))])
+def test_missing_token_replaces_a_masked_modality(fusion, token_shape):
+  model = make_model(fusion).clone(missing="token")
   batch = make_batch(audio_present=False)
   variables = model.init(jax.random.key(0), batch, train=False)
-  assert variables["params"]["mask_token_audio"].shape == (64,)
+  assert variables["params"]["mask_token_audio"].shape == token_shape
   logits = model.apply(variables, batch, train=False)
   other = dict(batch, audio=make_batch(seed=1)["audio"])
   np.testing.assert_allclose(model.apply(variables, other, train=False),

@@ -68,7 +68,9 @@ class MultimodalClassifier(nn.Module):
   `drop_modalities`). `missing="zero"` leaves a missing modality out of the
   fusion through its mask; `missing="token"` instead replaces its tokens by a
   learned mask token per modality ([D_m], broadcast over its N_m positions)
-  and marks it present, at train and eval alike.
+  and marks it present, at train and eval alike. Early fusion, which has no
+  per-modality tokens, replaces the missing input itself by a learned value
+  per channel ([C_m] for [B, H, W, C_m], one scalar for [B, H, W]).
 
   Unimodal heads (`unimodal_heads`, for imbalance studies and
   `mmjax.imbalance`): one linear classifier per modality m on its pooled
@@ -151,6 +153,8 @@ class MultimodalClassifier(nn.Module):
         raise ValueError(f"unimodal_heads={self.unimodal_heads!r} needs "
                          f"per-modality encoders; fusion {self.fusion!r} has "
                          "none")
+      if self.missing == "token":  # a learned value per input channel
+        self._replace_missing(inputs, masks, lambda x: x.shape[3:])
       fused = fusion(inputs, masks, train=train)
     else:
       for m in used:
@@ -159,12 +163,8 @@ class MultimodalClassifier(nn.Module):
             inputs[m], train=train)
       features = {m: zero_masked(pool_tokens(tokens[m]), present[m])
                   for m in used if self.unimodal_heads in ("probe", "aux")}
-      if self.missing == "token":
-        for m in used:
-          mask_token = self.param(f"mask_token_{m}", nn.initializers.normal(0.02),
-                                  (tokens[m].shape[-1],))
-          tokens[m] = jnp.where(masks[m][:, None, None], tokens[m], mask_token)
-          masks[m] = jnp.ones_like(masks[m])
+      if self.missing == "token":  # a learned token [D_m] per modality
+        self._replace_missing(tokens, masks, lambda x: x.shape[-1:])
       fused = fusion(tokens, masks, train=train)
     if getattr(fusion, "returns_logits", False):
       logits, head = fused, None
@@ -188,6 +188,18 @@ class MultimodalClassifier(nn.Module):
       out[f"unimodal_logits/{m}"] = unimodal[m]
       out[f"unimodal_present/{m}"] = present[m]
     return out
+
+  def _replace_missing(self, values: dict, masks: dict, token_shape):
+    """`missing="token"`, in place: where modality m is masked, its array
+    [B, ...] becomes the learned `mask_token_<m>` of shape
+    `token_shape(values[m])` (broadcast over the rest) and m is marked present.
+    """
+    for m in values:
+      token = self.param(f"mask_token_{m}", nn.initializers.normal(0.02),
+                         token_shape(values[m]))
+      mask = masks[m].reshape(-1, *(1,) * (values[m].ndim - 1))
+      values[m] = jnp.where(mask, values[m], token)
+      masks[m] = jnp.ones_like(masks[m])
 
   def _decomposed_logits(self, head, fused, used, tokens) -> dict:
     """The linear concat head by modality: {m: f_m W_m + b / M} [B, K] each.
