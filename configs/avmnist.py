@@ -141,10 +141,11 @@ def get_config(arg=None):
   config.imbalance = ml_collections.ConfigDict()
   config.imbalance.method = args.imbalance  # none, ogm_ge or gblend
   # OGM-GE: k = 1 - tanh(alpha * rho) for the dominant modality at steps
-  # start_step..end_step (end_step < 0: to the end); noise: GE on (False:
-  # OGM alone); conv_only: only the 4-D conv kernels, as the official code.
+  # start_step..end_step (end_step < 0: to the end; the default, half of
+  # total_steps, follows --config.total_steps); noise: GE on (False: OGM
+  # alone); conv_only: only the 4-D conv kernels, as the official code.
   config.imbalance.ogm_ge = {"alpha": 0.1, "start_step": 0,
-                             "end_step": config.total_steps // 2,
+                             "end_step": config.get_ref("total_steps") // 2,
                              "noise": True, "conv_only": False}
   # G-Blending: the held-out split and examples (and as many train examples)
   # measured every `every` steps; min_overfit floors dO.

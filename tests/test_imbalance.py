@@ -289,6 +289,17 @@ def test_bad_imbalance_config_is_a_one_line_usage_error(args, overrides,
   assert "\n" not in str(e.value)
 
 
+def test_ogm_window_follows_a_total_steps_override_unless_set():
+  def end_step(*overrides):
+    config = configs.apply_overrides(
+        configs.load_config("configs/avmnist.py:imbalance=ogm_ge,steps=600"),
+        overrides)
+    return config.imbalance.ogm_ge.end_step
+  assert end_step() == 300
+  assert end_step("total_steps=1000") == 500
+  assert end_step("imbalance.ogm_ge.end_step=7", "total_steps=1000") == 7
+
+
 @pytest.mark.parametrize("spec", [
     "configs/avmnist.py", "configs/av_contrastive.py", "configs/lit_mnist.py",
     "configs/coco_mini.py"])
