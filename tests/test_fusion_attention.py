@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmjax.models.fusion.attention import (CoAttentionFusion,
-                                           CrossAttentionBlock,
+                                           TransformerBlock,
                                            CrossAttentionFusion, MulTFusion,
                                            sinusoidal_positions)
 
@@ -139,7 +139,7 @@ def test_too_few_modalities(name):
 
 
 def test_dropout_only_when_training():
-  block = CrossAttentionBlock(num_heads=2, mlp_dim=16, dropout=0.5)
+  block = TransformerBlock(num_heads=2, mlp_dim=16, dropout=0.5)
   x, context = make_tokens("ac").values()
   x, context = x[..., :4], context[..., :4]
   present = jnp.array([1, 1, 0, 1], bool)

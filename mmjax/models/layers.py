@@ -74,11 +74,19 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
   """Attention plus feed-forward with residuals: [B, N, D] -> [B, N, D].
 
-  Self-attention by default; with `context` [B, M, D] the queries come from
-  `x` and keys and values from `context` (cross-attention). `mask` is an
-  attention mask [B, 1, N, M] (see `key_mask`). `post_norm=False` is the
-  pre-LayerNorm block of ViT (x + f(LN(x))); `post_norm=True` the
-  post-LayerNorm block of BERT and the original Transformer (LN(x + f(x))).
+  Self-attention by default, `mask` an attention mask [B, 1, N, N] (see
+  `key_mask`). Cross-attention with `context` [B, K, D]: queries from `x`,
+  keys and values from `context`, and `present` ([B] or [B, K], bool) says
+  which keys exist. Masked keys get zero attention weight, and where an
+  example has no key at all the attention output is zeroed, so `x` receives
+  no residual update from the context (flax attention would otherwise attend
+  uniformly to the masked keys).
+
+  `post_norm=False` is the pre-LayerNorm block of ViT (x + f(LN(x)); with a
+  context, x + f(LN(x), LN(context)), the context's own LayerNorm as in MulT);
+  `post_norm=True` the post-LayerNorm block of BERT and the original
+  Transformer (LN(x + f(x))), whose cross-attention form is one stream's half
+  of a ViLBERT co-attention layer.
   """
   num_heads: int
   mlp_dim: int
@@ -87,7 +95,8 @@ class TransformerBlock(nn.Module):
   layer_norm_epsilon: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, context=None, mask=None, *, train: bool = False):
+  def __call__(self, x, context=None, present=None, *, mask=None,
+               train: bool = False):
     attention = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.dropout,
         deterministic=not train, name="attention")
@@ -95,11 +104,22 @@ class TransformerBlock(nn.Module):
                                      name=name)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp")
+    any_key = None
+    if context is not None:
+      if present is None or mask is not None:
+        raise ValueError("cross-attention takes `present` [B] or [B, K], "
+                         "not `mask`")
+      mask = key_mask(present, x.shape[1], context.shape[1])
+      any_key = present if present.ndim == 1 else jnp.any(present, axis=-1)
+
+    def attend(queries, keys):
+      update = drop(attention(queries, keys, mask=mask))
+      return update if any_key is None else zero_masked(update, any_key)
+
     if self.post_norm:
-      kv = x if context is None else context
-      x = norm("norm_attention")(x + drop(attention(x, kv, mask=mask)))
+      x = norm("norm_attention")(x + attend(
+          x, x if context is None else context))
       return norm("norm_mlp")(x + drop(ffn(x, train=train)))
     y = norm("norm_attention")(x)
-    kv = y if context is None else context
-    x = x + drop(attention(y, kv, mask=mask))
+    x = x + attend(y, y if context is None else norm("norm_context")(context))
     return x + drop(ffn(norm("norm_mlp")(x), train=train))

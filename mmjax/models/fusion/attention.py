@@ -15,50 +15,8 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import (FeedForward, TransformerBlock, key_mask,
-                                 masked_mean, pool_tokens, zero_masked)
-
-
-class CrossAttentionBlock(nn.Module):
-  """Cross-attention plus feed-forward with residuals: [B, N, D] -> [B, N, D].
-
-  Queries come from `x` [B, N, D], keys and values from `context` [B, K, D];
-  `present` ([B] or [B, K], bool) says which keys exist. Masked keys get zero
-  attention weight, and where an example has no key at all the attention
-  output is zeroed, so `x` receives no residual update from the context (flax
-  attention would otherwise attend uniformly to the masked keys).
-
-  `post_norm=False` is the pre-LayerNorm block (x + f(LN(x), LN(context)),
-  with its own LayerNorm on the context, as in MulT); `post_norm=True` the
-  post-LayerNorm block of BERT (LN(x + f(x, context))), which is one stream's
-  half of a ViLBERT co-attention layer.
-  """
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  post_norm: bool = False
-  layer_norm_epsilon: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x, context, present, *, train: bool = False):
-    attention = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout,
-        deterministic=not train, name="attention")
-    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon,
-                                     name=name)
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp")
-    mask = key_mask(present, x.shape[1], context.shape[1])
-    any_key = present if present.ndim == 1 else jnp.any(present, axis=-1)
-
-    def attend(queries, keys):
-      return zero_masked(drop(attention(queries, keys, mask=mask)), any_key)
-
-    if self.post_norm:
-      x = norm("norm_attention")(x + attend(x, context))
-      return norm("norm_mlp")(x + drop(ffn(x, train=train)))
-    x = x + attend(norm("norm_attention")(x), norm("norm_context")(context))
-    return x + drop(ffn(norm("norm_mlp")(x), train=train))
+from mmjax.models.layers import (TransformerBlock, masked_mean, pool_tokens,
+                                 zero_masked)
 
 
 def sinusoidal_positions(length: int, dim: int) -> jnp.ndarray:
@@ -89,11 +47,11 @@ class CrossAttentionFusion(nn.Module):
 
   Every modality's tokens [B, N_m, D_m] are projected to `dim` by their own
   Dense layer. The query modality (`query`, default the first in sorted order)
-  is updated by `num_layers` pre-LN `CrossAttentionBlock`s whose keys and
-  values are the other modalities' projected tokens, concatenated along the
-  token axis with a per-key mask (a missing modality's keys are masked). The
-  output is concat(mean over the updated query tokens, mean over the present
-  context tokens), after a final LayerNorm on the query stream.
+  is updated by `num_layers` pre-LN cross-attention `TransformerBlock`s whose
+  keys and values are the other modalities' projected tokens, concatenated
+  along the token axis with a per-key mask (a missing modality's keys are
+  masked). The output is concat(mean over the updated query tokens, mean over
+  the present context tokens), after a final LayerNorm on the query stream.
 
   Masking: when every context modality is missing the attention updates are
   zero, so the query stream passes only through the feed-forward layers; when
@@ -121,9 +79,8 @@ class CrossAttentionFusion(nn.Module):
         jnp.broadcast_to(masks[m][:, None], tokens[m].shape[:2])
         for m in others], 1)  # [B, K]
     for i in range(self.num_layers):
-      x = CrossAttentionBlock(self.num_heads, self.mlp_dim, self.dropout,
-                              name=f"block_{i}")(x, context, present,
-                                                 train=train)
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
+                           name=f"block_{i}")(x, context, present, train=train)
     x = nn.LayerNorm(epsilon=1e-6, name="norm_out")(x)
     pooled_query = zero_masked(pool_tokens(x), masks[query])
     pooled_context = masked_mean(context, present)
@@ -179,10 +136,10 @@ class CoAttentionFusion(nn.Module):
     widths = (self.num_heads, self.mlp_dim, self.dropout)
     for i, kind in enumerate(self.layers):
       if kind == "C":  # Both directions read the layer's inputs.
-        co_a = CrossAttentionBlock(*widths, post_norm=True,
-                                   name=f"layer_{i}_co_{a}")
-        co_b = CrossAttentionBlock(*widths, post_norm=True,
-                                   name=f"layer_{i}_co_{b}")
+        co_a = TransformerBlock(*widths, post_norm=True,
+                                name=f"layer_{i}_co_{a}")
+        co_b = TransformerBlock(*widths, post_norm=True,
+                                name=f"layer_{i}_co_{b}")
         xa, xb = (co_a(xa, xb, masks[b], train=train),
                   co_b(xb, xa, masks[a], train=train))
       else:
@@ -204,8 +161,8 @@ class MulTFusion(nn.Module):
   convolution of width `kernel_size` (1 in the authors' code, where it is a
   per-token Dense layer), and sinusoidal position embeddings are added
   (Z^[0] = X + PE). For every ordered pair (target m, source s != m) a
-  crossmodal transformer CM_{s->m} of `num_layers` pre-LN
-  `CrossAttentionBlock`s lets the target's tokens query the source's tokens
+  crossmodal transformer CM_{s->m} of `num_layers` pre-LN cross-attention
+  `TransformerBlock`s lets the target's tokens query the source's tokens
   (layer-normed, as in the paper), with a final LayerNorm. The M - 1 outputs
   for target m are concatenated along features ([B, N_m, (M - 1) * dim]) and
   passed through a self-attention transformer of `self_layers` pre-LN blocks
@@ -244,9 +201,9 @@ class MulTFusion(nn.Module):
           continue
         x = embedded[m]
         for i in range(self.num_layers):
-          x = CrossAttentionBlock(self.num_heads, self.mlp_dim, self.dropout,
-                                  name=f"cross_{s}_to_{m}_{i}")(
-                                      x, embedded[s], masks[s], train=train)
+          x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
+                               name=f"cross_{s}_to_{m}_{i}")(
+                                   x, embedded[s], masks[s], train=train)
         streams.append(nn.LayerNorm(epsilon=1e-6,
                                     name=f"cross_{s}_to_{m}_norm")(x))
       x = jnp.concatenate(streams, -1)  # [B, N_m, (M - 1) * dim]
