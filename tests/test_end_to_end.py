@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmjax import train
+from mmjax import checkpoint, train
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -166,6 +166,18 @@ def test_sigint_stops_at_a_checkpoint_also_when_the_parent_ignored_it(
   assert proc.returncode == 130, output[-2000:]
   assert "interrupted at step" in output
   assert checkpoint_steps(tmp_path / "checkpoints")
+
+
+def test_sigint_during_a_checkpoint_save_is_delivered_after_it():
+  """An interrupt inside orbax's save can leave it hanging in `close`."""
+  handler, finished = signal.getsignal(signal.SIGINT), False
+  with pytest.raises(KeyboardInterrupt):
+    with checkpoint.sigint_held():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.2)  # an unheld SIGINT raises here
+      finished = True
+  assert finished
+  assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
