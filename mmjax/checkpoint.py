@@ -10,7 +10,8 @@ killed mid-write leaves the previous checkpoint as the latest.
 SIGINT (Ctrl-C, or `mmjax.sweep` stopping a run) is held while a save is
 dispatched or awaited and delivered right after: an interrupt inside orbax's
 `save` leaves its background threads half started, after which `close`
-hangs (seen with orbax-checkpoint 0.12.8). The save completes, then the run stops.
+hangs (seen with orbax-checkpoint 0.12.8). The save completes, then the run
+stops.
 """
 
 import contextlib
