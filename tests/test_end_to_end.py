@@ -147,10 +147,10 @@ def test_sigint_stops_at_a_checkpoint_also_when_the_parent_ignored_it(
   """A shell starts a background job with SIGINT ignored; `mmjax.sweep`
   stops its runs with SIGINT, so training must take it all the same."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  train = command(tmp_path, data_dir, "--config.total_steps=100000",
-                  "--config.batch_size=32", "--config.checkpoint_every=5")
+  args = command(tmp_path, data_dir, "--config.total_steps=100000",
+                 "--config.batch_size=32", "--config.checkpoint_every=5")
   proc = subprocess.Popen(  # `trap '' INT`: exec'd with SIGINT ignored
-      ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *train],
+      ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *args],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)
   try:
