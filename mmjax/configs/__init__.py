@@ -16,39 +16,6 @@ import ml_collections
 from mmjax.errors import UsageError
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses "fusion=early,smoke" against `defaults` (which fixes keys and types).
-
-  A bare word sets a boolean default to True. Unknown keys raise UsageError
-  listing the known ones.
-  """
-  values = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, eq, value = item.partition("=")
-    key = key.strip()
-    if key not in defaults:
-      raise UsageError(f"unknown config argument '{key}' "
-                       f"(known: {', '.join(sorted(defaults))})")
-    default = defaults[key]
-    if not eq:
-      if not isinstance(default, bool):
-        raise UsageError(f"config argument '{key}' needs a value: {key}=...")
-      values[key] = True
-    elif isinstance(default, bool):
-      values[key] = _parse_bool(key, value)
-    else:
-      values[key] = type(default)(value) if default is not None else value
-  return ml_collections.ConfigDict(values)
-
-
-def _parse_bool(key: str, value: str) -> bool:
-  if value.lower() in ("1", "true", "yes"):
-    return True
-  if value.lower() in ("0", "false", "no"):
-    return False
-  raise UsageError(f"config key '{key}' takes true or false, got '{value}'")
-
-
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]` and returns the locked config."""
   path, _, arg = spec.partition(":")
@@ -121,35 +88,4 @@ def to_dict(config) -> dict:
     return {k: to_dict(v) for k, v in config.items()}
   if isinstance(config, (tuple, list)):
     return [to_dict(v) for v in config]
-  return config
-
-
-def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
-                 steps: int, smoke: bool, log_every: int = 50,
-                 eval_batch_size: int = 500, checkpoint_every: int = 100):
-  """The optimisation, parallelism, logging and checkpoint keys every config
-  shares: AdamW 1e-3 (weight decay 1e-4), cosine schedule with 20 warmup
-  steps, data-parallel over all devices, evaluation at the end. `smoke`
-  shortens the run to 40 steps (train, eval, checkpoint) for a quick check.
-  """
-  config.batch_size = batch_size
-  config.total_steps = 40 if smoke else steps
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.momentum = 0.9  # sgd only
-  config.optimizer.warmup_steps = 5 if smoke else 20
-  config.optimizer.schedule = "cosine"
-  config.optimizer.grad_clip_norm = 0.0  # 0 = off
-
-  config.mesh_devices = 0  # 0 = all devices
-  config.sharding = "dp"
-
-  config.log_every = 10 if smoke else log_every
-  config.eval_every = config.total_steps
-  config.eval_batch_size = eval_batch_size
-  config.checkpoint_every = 20 if smoke else checkpoint_every
-  config.keep_checkpoints = 3
-  config.peak_flops = 0.0  # 0 = from the device table in metric_writers.py
   return config
