@@ -1,15 +1,19 @@
 """Contrastive towers, prompt text, pretrained init and the LiT lock."""
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from mmjax import configs, parallel, train
 from mmjax.data import pipeline
 from mmjax.errors import UsageError
 from mmjax.models.contrastive import ContrastiveModel
+from mmjax.models.encoders import BagOfEmbeddings, LeNet
+from mmjax.models.factory import build_contrastive
 
 TEXT = {"name": "bag_of_embeddings", "vocab_size": 50, "dim": 8}
 IMAGE = {"name": "lenet", "features": 2, "extra_layers": 1}
@@ -26,9 +30,9 @@ def batch(b=3, captions=0, seed=0):
 
 
 def test_towers_normalise_and_embed_several_items_per_example():
-  model = ContrastiveModel(modalities=("image", "text"),
-                           encoders={"image": IMAGE, "text": TEXT},
-                           embed_dim=4, objective="sigmoid")
+  model = build_contrastive(modalities=("image", "text"),
+                            encoders={"image": IMAGE, "text": TEXT},
+                            embed_dim=4, objective="sigmoid")
   variables = model.init(jax.random.key(0), batch(), train=False)
   out = model.apply(variables, batch(), train=False)
   assert out["embedding/image"].shape == out["embedding/text"].shape == (3, 4)
@@ -48,7 +52,8 @@ def test_towers_normalise_and_embed_several_items_per_example():
 
 def test_locked_tower_passes_no_gradient_to_its_encoder():
   model = ContrastiveModel(modalities=("image", "text"),
-                           encoders={"image": IMAGE, "text": TEXT},
+                           encoders={"image": LeNet(2, 1),
+                                     "text": BagOfEmbeddings(50, 8)},
                            embed_dim=4, locked=("text",))
   variables = model.init(jax.random.key(0), batch(), train=False)
 
@@ -60,6 +65,51 @@ def test_locked_tower_passes_no_gradient_to_its_encoder():
   assert all(float(jnp.abs(g).sum()) == 0
              for g in jax.tree.leaves(grads["tower_text"]["encoder"]))
   assert float(jnp.abs(grads["tower_text"]["projection"]["kernel"]).sum()) > 0
+
+
+class Gain(nn.Module):
+  """A front end with one parameter, so that its name shows in the tree."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param("gain", nn.initializers.ones, ())
+
+
+def test_tower_parameter_tree_is_unchanged():
+  """The names checkpoints hold: tower_<m>/{frontend,encoder,projection},
+  log_scale and bias."""
+  model = ContrastiveModel(modalities=("image", "text"),
+                           encoders={"image": LeNet(2, 1),
+                                     "text": BagOfEmbeddings(50, 8)},
+                           frontends={"image": Gain()}, embed_dim=4)
+  variables = jax.eval_shape(lambda b: model.init(jax.random.key(0), b,
+                                                  train=False), batch())
+  tree = {"/".join(path): x.shape for path, x in
+          traverse_util.flatten_dict(variables).items()}
+  image = "tower_image/encoder"
+  assert tree == {
+      "params/log_scale": (), "params/bias": (),
+      "params/tower_image/frontend/gain": (),
+      f"params/{image}/conv_0/kernel": (5, 5, 1, 2),
+      f"params/{image}/bn_0/scale": (2,), f"params/{image}/bn_0/bias": (2,),
+      f"batch_stats/{image}/bn_0/mean": (2,),
+      f"batch_stats/{image}/bn_0/var": (2,),
+      f"params/{image}/conv_1/kernel": (3, 3, 2, 4),
+      f"params/{image}/bn_1/scale": (4,), f"params/{image}/bn_1/bias": (4,),
+      f"batch_stats/{image}/bn_1/mean": (4,),
+      f"batch_stats/{image}/bn_1/var": (4,),
+      "params/tower_image/projection/kernel": (4, 4),
+      "params/tower_image/projection/bias": (4,),
+      "params/tower_text/encoder/embeddings/embedding": (50, 8),
+      "params/tower_text/projection/kernel": (8, 4),
+      "params/tower_text/projection/bias": (4,)}
+  built = build_contrastive(modalities=("image", "text"),
+                            encoders={"image": IMAGE, "text": TEXT},
+                            embed_dim=4)
+  built_tree = jax.eval_shape(lambda b: built.init(jax.random.key(0), b,
+                                                   train=False), batch())
+  assert {"/".join(path) for path in traverse_util.flatten_dict(
+      built_tree)} == set(tree) - {"params/tower_image/frontend/gain"}
 
 
 def test_prompt_text_is_seeded_and_names_the_class():

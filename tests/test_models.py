@@ -1,13 +1,18 @@
 """Encoders, fusions and the multimodal model: shapes, masks, gradients."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
+from mmjax.errors import UsageError
 from mmjax.evaluators.classification import majority_vote
-from mmjax.models.encoders import LeNet
-from mmjax.models.fusion import FUSIONS
+from mmjax.models.encoders import LeNet, LogMelSpectrogram
+from mmjax.models.factory import build_classifier
+from mmjax.models.fusion import FUSIONS, ConcatFusion
+from mmjax.models.layers import MLP
 from mmjax.models.multimodal import MultimodalClassifier, drop_modalities
 
 # Without the last pooling each LeNet gives a 3x3 grid: 9 tokens per modality.
@@ -28,11 +33,11 @@ def make_batch(b=4, seed=0, audio_present=True):
   }
 
 
-def make_model(fusion):
-  kwargs = {"encoder": ENCODERS["audio"]} if fusion == "early" else None
-  return MultimodalClassifier(modalities=("image", "audio"), encoders=ENCODERS,
-                              fusion=fusion, num_classes=10,
-                              fusion_kwargs=kwargs)
+def make_model(fusion, **kwargs):
+  fusion_kwargs = {"encoder": ENCODERS["audio"]} if fusion == "early" else None
+  return build_classifier(modalities=("image", "audio"), encoders=ENCODERS,
+                          fusion=fusion, num_classes=10,
+                          fusion_kwargs=fusion_kwargs, **kwargs)
 
 
 def test_lenet_recipe_shapes():
@@ -143,8 +148,11 @@ def test_drop_modalities_rates_and_never_drops_everything():
 
 def test_modality_dropout_acts_only_in_training():
   model = MultimodalClassifier(
-      modalities=("image", "audio"), encoders=ENCODERS, fusion="concat",
-      num_classes=10, modality_dropout={"audio": 0.99})
+      modalities=("image", "audio"),
+      encoders={"image": LeNet(4, 3, final_pool=False),
+                "audio": LeNet(4, 4, final_pool=False)},
+      fusion=ConcatFusion(), head=MLP((100, 10)), num_classes=10,
+      modality_dropout={"audio": 0.99})
   batch = make_batch()
   variables = model.init(jax.random.key(0), batch, train=False)
   other = dict(batch, audio=make_batch(seed=1)["audio"])
@@ -171,3 +179,130 @@ def test_missing_token_replaces_a_masked_modality(fusion, token_shape):
   moved = jax.tree.map(lambda x: x, variables)
   moved["params"]["mask_token_audio"] = moved["params"]["mask_token_audio"] + 1
   assert not np.allclose(model.apply(moved, batch, train=False), logits)
+
+
+class Gain(nn.Module):
+  """A front end with one parameter, so that its name shows in the tree."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param("gain", nn.initializers.ones, ())
+
+
+def lenet_tree(prefix, features, layers):
+  """The parameter and batch-stat paths and shapes of a `LeNet` (1 channel)."""
+  tree = {}
+  for i in range(layers + 1):
+    width, before = features * 2**i, features * 2**(i - 1) if i else 1
+    size = 5 if i == 0 else 3
+    tree[f"params/{prefix}/conv_{i}/kernel"] = (size, size, before, width)
+    for kind, names in (("params", ("bias", "scale")),
+                        ("batch_stats", ("mean", "var"))):
+      for name in names:
+        tree[f"{kind}/{prefix}/bn_{i}/{name}"] = (width,)
+  return tree
+
+
+def shapes(model, batch):
+  variables = jax.eval_shape(lambda b: model.init(jax.random.key(0), b,
+                                                  train=False), batch)
+  return {"/".join(path): x.shape for path, x in
+          traverse_util.flatten_dict(variables).items()}
+
+
+def test_avmnist_concat_parameter_tree_is_unchanged():
+  """The names checkpoints hold: encoder_<m>, frontend_<m>, head,
+  mask_token_<m>, unimodal_head_<m> (here with the AV-MNIST LeNets)."""
+  model = MultimodalClassifier(
+      modalities=("image", "audio"),
+      encoders={"image": LeNet(6, 3), "audio": LeNet(6, 5)},
+      frontends={"audio": Gain()}, fusion=ConcatFusion(),
+      head=MLP((100, 10)), num_classes=10, missing="token",
+      unimodal_heads="probe")
+  batch = dict(make_batch(), audio=np.zeros((4, 112, 112), np.float32))
+  expected = {**lenet_tree("encoder_image", 6, 3),
+              **lenet_tree("encoder_audio", 6, 5),
+              "params/frontend_audio/gain": (),
+              "params/head/dense_0/kernel": (240, 100),
+              "params/head/dense_0/bias": (100,),
+              "params/head/dense_1/kernel": (100, 10),
+              "params/head/dense_1/bias": (10,),
+              "params/mask_token_image": (48,),
+              "params/mask_token_audio": (192,),
+              "params/unimodal_head_image/kernel": (48, 10),
+              "params/unimodal_head_image/bias": (10,),
+              "params/unimodal_head_audio/kernel": (192, 10),
+              "params/unimodal_head_audio/bias": (10,)}
+  assert shapes(model, batch) == expected
+  # The config factory builds the same tree (log-mel has no parameters).
+  logmel = {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
+            "hop_length": 64, "n_mels": 64}
+  built = build_classifier(
+      modalities=("image", "audio"),
+      encoders={"image": {"name": "lenet", "features": 6, "extra_layers": 3},
+                "audio": {"name": "lenet", "features": 6, "extra_layers": 5,
+                          "frontend": logmel}},
+      fusion="concat", num_classes=10, missing="token",
+      unimodal_heads="probe")
+  wave = dict(make_batch(), audio=np.zeros((4, 8000), np.float32))
+  del expected["params/frontend_audio/gain"]
+  assert shapes(built, wave) == expected
+  assert isinstance(built.frontends["audio"], LogMelSpectrogram)
+
+
+def test_sown_intermediates_split_a_linear_concat_head_by_modality():
+  """`fused`, `features/<m>` and `present/<m>` are sown; they leave outputs
+  alone, and W_m f_m + b / M over sorted modalities sum to the logits."""
+  model = make_model("concat", head_hidden=())
+  batch = make_batch(audio_present=False)
+  variables = model.init(jax.random.key(0), batch, train=False)
+  logits, state = model.apply(variables, batch, train=False,
+                              mutable=["intermediates"])
+  np.testing.assert_array_equal(logits,
+                                model.apply(variables, batch, train=False))
+  sown = {k: v[0] for k, v in state["intermediates"].items()}
+  assert sorted(sown) == ["features/audio", "features/image", "fused",
+                          "present/audio", "present/image"]
+  assert sown["features/image"].shape == (4, 32)
+  np.testing.assert_array_equal(sown["present/audio"], np.zeros(4, bool))
+  np.testing.assert_array_equal(sown["features/audio"], 0)
+  dense = variables["params"]["head"]["dense_0"]
+  parts, start = [], 0
+  for m in ("audio", "image"):
+    width = sown[f"features/{m}"].shape[-1]
+    np.testing.assert_array_equal(sown["fused"][:, start:start + width],
+                                  sown[f"features/{m}"])
+    parts.append(sown[f"features/{m}"] @ dense["kernel"][start:start + width]
+                 + dense["bias"] / 2)
+    start += width
+  np.testing.assert_allclose(sum(parts), logits, atol=1e-5)
+
+
+def test_late_and_early_fusion_sow_what_they_have():
+  batch = make_batch()
+  late = make_model("late")
+  _, state = late.apply(late.init(jax.random.key(0), batch, train=False),
+                        batch, train=False, mutable=["intermediates"])
+  assert "fused" not in state["intermediates"]
+  assert "features/audio" in state["intermediates"]
+  early = make_model("early")
+  _, state = early.apply(early.init(jax.random.key(0), batch, train=False),
+                         batch, train=False, mutable=["intermediates"])
+  assert sorted(state["intermediates"]) == ["fused"]
+
+
+def test_factory_takes_import_strings_and_names_unknown_names():
+  model = build_classifier(
+      modalities=("image", "audio"),
+      encoders={m: dict(spec, name="mmjax.models.encoders.image:LeNet")
+                for m, spec in ENCODERS.items()},
+      fusion="mmjax.models.fusion.basic:ConcatFusion", num_classes=10)
+  assert isinstance(model.fusion, ConcatFusion)
+  assert isinstance(model.encoders["audio"], LeNet)
+  with pytest.raises(UsageError, match="unknown model.fusion 'nope'"):
+    build_classifier(modalities=("image",), encoders=ENCODERS, fusion="nope",
+                     num_classes=10)
+  with pytest.raises(UsageError, match="unknown model.encoders.audio.name"):
+    build_classifier(modalities=("image", "audio"),
+                     encoders=dict(ENCODERS, audio={"name": "nope"}),
+                     fusion="concat", num_classes=10)

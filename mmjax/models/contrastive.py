@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.layers import pool_tokens
 from mmjax.models.multimodal import modality_input
 
@@ -25,9 +24,18 @@ class Tower(nn.Module):
   the output [B, C, embed_dim]: the C items are encoded as a batch of B * C.
   A `locked` tower stops gradients at its encoder's output, so its frozen
   encoder costs no backward pass.
+
+  Attributes:
+    encoder: the encoder module, input [B, ...] -> tokens [B, N, D]; named
+      "encoder" in the parameter tree.
+    embed_dim: width of the projection ("projection", [D, embed_dim]).
+    frontend: optional module applied before the encoder ("frontend"), e.g.
+      waveform [B, T] -> log-mel [B, F, T'].
+    locked: stop gradients at the encoder's output.
   """
-  encoder: Mapping
+  encoder: nn.Module
   embed_dim: int
+  frontend: nn.Module | None = None
   locked: bool = False
 
   @nn.compact
@@ -35,13 +43,9 @@ class Tower(nn.Module):
                multi_item: bool = False) -> jnp.ndarray:
     lead = x.shape[:2] if multi_item else x.shape[:1]
     x = x.reshape((-1,) + x.shape[len(lead):])
-    spec = dict(self.encoder)
-    frontend = spec.pop("frontend", None)
-    if frontend:
-      kwargs = {k: v for k, v in frontend.items() if k != "name"}
-      x = FRONTENDS[frontend["name"]](name="frontend", **kwargs)(x)
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
-    tokens = ENCODERS[spec["name"]](name="encoder", **kwargs)(x, train=train)
+    if self.frontend is not None:  # attached by field name: "frontend"
+      x = self.frontend(x)
+    tokens = self.encoder(x, train=train)  # attached as "encoder"
     if self.locked:  # no backward pass through a frozen encoder
       tokens = jax.lax.stop_gradient(tokens)
     z = nn.Dense(self.embed_dim, name="projection")(pool_tokens(tokens))
@@ -49,32 +53,49 @@ class Tower(nn.Module):
     return z.reshape(lead + (self.embed_dim,))
 
 
+def _detached(module: nn.Module | None) -> nn.Module | None:
+  """An unbound copy of `module` (no parent, no name), which the module it is
+  passed to names after the receiving field."""
+  return None if module is None else module.clone(parent=None, name=None)
+
+
 class ContrastiveModel(nn.Module):
   """N towers with a shared embedding space: batch -> outputs dict.
 
+  Built from modules, e.g.
+
+    ContrastiveModel(modalities=("image", "text"),
+                     encoders={"image": ViT(...), "text": BertEncoder(...)},
+                     embed_dim=128, objective="sigmoid", locked=("text",))
+
+  (`mmjax.models.factory.build_contrastive` builds them from config names).
   Returns {"embedding/<m>": [B, embed_dim] per modality, "log_scale": [],
   "bias": []}; the logit scale and bias are learned scalars initialised for
   `objective` (`INITIAL_LOGIT_PARAMS`). A batch that carries "valid/<m>"
   [B, C] holds C items of modality m per example (e.g. an eval split with
-  every caption of an image); their embeddings are [B, C, embed_dim]. Each tower is `Tower`, named
-  `tower_<m>`, so a pattern such as "tower_text/encoder/.*" selects one
+  every caption of an image); their embeddings are [B, C, embed_dim]. Each
+  tower is `Tower`, named `tower_<m>` with submodules "frontend", "encoder"
+  and "projection", so a pattern such as "tower_text/encoder/.*" selects one
   tower's encoder (e.g. to lock it, LiT).
 
   Attributes:
     modalities: the modalities (batch keys), one tower each.
-    encoders: per modality an `ENCODERS` spec plus optional "frontend".
+    encoders: per modality an encoder module, input [B, ...] -> tokens
+      [B, N, D] (see `mmjax.models.encoders`); each tower gets its own copy.
     embed_dim: width of the shared embedding space.
     objective: "softmax" or "sigmoid", for the initial scale and bias.
     locked: modalities whose encoder is frozen (see `Tower.locked`).
+    frontends: optional per-modality front ends applied before the encoder.
 
   Only the towers of modalities present in the batch run (e.g. the text
   tower alone to embed class prompts).
   """
   modalities: Sequence[str]
-  encoders: Mapping[str, Mapping]
+  encoders: Mapping[str, nn.Module]
   embed_dim: int = 128
   objective: str = "softmax"
   locked: Sequence[str] = ()
+  frontends: Mapping[str, nn.Module] | None = None
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False) -> dict:
@@ -82,12 +103,13 @@ class ContrastiveModel(nn.Module):
     out = {"log_scale": self.param("log_scale", nn.initializers.constant(
                log_scale), ()),
            "bias": self.param("bias", nn.initializers.constant(bias), ())}
+    frontends = self.frontends or {}
     for m in self.modalities:
       if m not in batch:
         continue
-      out[f"embedding/{m}"] = Tower(self.encoders[m], self.embed_dim,
-                                    locked=m in self.locked,
-                                    name=f"tower_{m}")(
-          modality_input(batch, m), train=train,
-          multi_item=f"valid/{m}" in batch)
+      tower = Tower(_detached(self.encoders[m]), self.embed_dim,
+                    frontend=_detached(frontends.get(m)),
+                    locked=m in self.locked, name=f"tower_{m}")
+      out[f"embedding/{m}"] = tower(modality_input(batch, m), train=train,
+                                    multi_item=f"valid/{m}" in batch)
     return out

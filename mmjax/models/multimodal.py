@@ -1,4 +1,8 @@
-"""The one multimodal model: {modality: encoder} -> fusion -> head."""
+"""The one multimodal model: {modality: encoder} -> fusion -> head.
+
+The model takes its parts as modules (`mmjax.models.factory` builds them from
+a config's names).
+"""
 
 import functools
 from collections.abc import Mapping, Sequence
@@ -7,19 +11,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.encoders import ENCODERS, FRONTENDS
-from mmjax.models.fusion import FUSIONS, Unimodal
-from mmjax.models.layers import MLP, pool_tokens, zero_masked
+from mmjax.models.fusion import Unimodal
+from mmjax.models.layers import pool_tokens, zero_masked
 
 MISSING = ("zero", "token")
 # Per-modality linear classifiers next to the fused head (`unimodal_heads`).
-UNIMODAL_HEADS = ("none", "probe", "aux", "decomposed")
-
-
-def _build(registry: Mapping, spec: Mapping, **extra):
-  """Instantiates `registry[spec["name"]]` with the rest of `spec` as kwargs."""
-  kwargs = {k: v for k, v in spec.items() if k != "name"}
-  return registry[spec["name"]](**kwargs, **extra)
+UNIMODAL_HEADS = ("none", "probe", "aux")
 
 
 def modality_input(batch: Mapping[str, jnp.ndarray], modality: str):
@@ -52,78 +49,103 @@ def drop_modalities(rng, masks: Mapping[str, jnp.ndarray],
 
 
 class MultimodalClassifier(nn.Module):
-  """Encoders per modality, one fusion, one MLP head: batch -> logits [B, K].
+  """Encoders per modality, one fusion, one head: batch -> logits [B, K].
+
+  Built from modules (torchmultimodal style), e.g.
+
+    MultimodalClassifier(
+        modalities=("image", "audio"),
+        encoders={"image": LeNet(6, 3), "audio": LeNet(6, 5)},
+        frontends={"audio": LogMelSpectrogram(sample_rate=8000)},
+        fusion=ConcatFusion(), head=MLP((100, 10)), num_classes=10)
+
+  (`mmjax.models.factory.build_classifier` builds them from config names).
+  Each module becomes its own submodule with its own parameters, named
+  `encoder_<m>`, `frontend_<m>`, `fusion` and `head` in the parameter tree.
 
   The batch is a dict of modality arrays plus a boolean `mask/<modality>` [B]
   per example (a missing modality is zeros with its mask False). Each
   modality's input goes through its optional front end (e.g. waveform [B, T]
   -> log-mel [B, F, T']) and its encoder to tokens [B, N_m, D_m]; the fusion
-  (`FUSIONS[fusion]`) combines them honouring the masks; the head
-  (`head_hidden` then `num_classes`) maps the fused representation to logits.
-  Early fusion sees the front-end outputs instead of encoder tokens; late
-  fusion applies its own per-modality heads and returns logits directly.
+  combines them honouring the masks, `fusion(tokens, masks, train=...)` ->
+  [B, D]; the head maps the fused representation [B, D] to logits [B, K].
+  A fusion class with `takes_inputs = True` (early fusion) sees the front-end
+  outputs instead of encoder tokens (and `encoders` goes unused); one with
+  `returns_logits = True` (late fusion) applies its own per-modality heads and
+  returns logits directly (and `head` must be None). A `Unimodal` fusion reads
+  one modality, and only that modality's front end and encoder run.
 
   Missing modalities while training: `modality_dropout` maps a modality to
   the probability of removing it from an example (train only; see
   `drop_modalities`). `missing="zero"` leaves a missing modality out of the
   fusion through its mask; `missing="token"` instead replaces its tokens by a
-  learned mask token per modality ([D_m], broadcast over its N_m positions)
-  and marks it present, at train and eval alike. Early fusion, which has no
-  per-modality tokens, replaces the missing input itself by a learned value
-  per channel ([C_m] for [B, H, W, C_m], one scalar for [B, H, W]).
+  learned mask token `mask_token_<m>` per modality ([D_m], broadcast over its
+  N_m positions) and marks it present, at train and eval alike. Early fusion,
+  which has no per-modality tokens, replaces the missing input itself by a
+  learned value per channel ([C_m] for [B, H, W, C_m], one scalar for
+  [B, H, W]).
 
   Unimodal heads (`unimodal_heads`, for imbalance studies and
-  `mmjax.imbalance`): one linear classifier per modality m on its pooled
-  encoder tokens, mean over N_m, [B, D_m] -> [B, K] (zeros where m is
-  missing; taken before any mask token replaces them):
-    "none"        no heads; the model returns the logits array [B, K].
-    "probe"       the features pass `jax.lax.stop_gradient`: the head learns
-                  how linearly decodable each modality's representation is
-                  and leaves the encoders as they would be without it (the
-                  unimodal-probe accuracy of an imbalance study).
-    "aux"         gradients flow into the encoders: the unimodal branches of
-                  G-Blending (Wang et al., CVPR 2020; facebookresearch/VMZ
-                  `create_av_resnet(g_blend=True)`, one FC per modality on its
-                  pooled last layer).
-    "decomposed"  no new parameters: the fused linear head of concatenation
-                  (fusion "concat", `head_hidden=()`) split by modality,
-                  W_m f_m + b / M, as OGM-GE scores each modality (Peng et al.,
-                  CVPR 2022; GeWu-Lab/OGM-GE_CVPR2022 `main.py`, out_a/out_v
-                  with `fc_out.bias / 2` for two modalities). The M parts sum
-                  to the fused logits.
+  `mmjax.imbalance`): one linear classifier `unimodal_head_<m>` per modality m
+  on its pooled encoder tokens, mean over N_m, [B, D_m] -> [B, K] (zeros where
+  m is missing; taken before any mask token replaces them):
+    "none"   no heads; the model returns the logits array [B, K].
+    "probe"  the features pass `jax.lax.stop_gradient`: the head learns how
+             linearly decodable each modality's representation is and leaves
+             the encoders as they would be without it (the unimodal-probe
+             accuracy of an imbalance study).
+    "aux"    gradients flow into the encoders: the unimodal branches of
+             G-Blending (Wang et al., CVPR 2020; facebookresearch/VMZ
+             `create_av_resnet(g_blend=True)`, one FC per modality on its
+             pooled last layer).
   With heads the model returns a dict: "logits" [B, K], and per modality m
   "unimodal_logits/<m>" [B, K] and "unimodal_present/<m>" [B] bool (m present
   in the example after modality dropout), so that losses and accuracies count
   only the examples that have m.
 
+  Sown intermediates (collection "intermediates", read with
+  `apply(..., mutable=["intermediates"])`; each value a 1-tuple; sowing
+  changes neither outputs nor parameters):
+    "fused"          [B, D] the fusion's output before the head; only when
+                     the fusion does not return logits.
+    "features/<m>"   [B, D_m] per modality m the model uses, with
+                     per-modality encoders only (not `takes_inputs`): the
+                     masked pooled encoder tokens
+                     zero_masked(pool_tokens(tokens_m), present_m), taken
+                     before any mask token replaces the tokens.
+    "present/<m>"    [B] bool, whether m is in the example (after modality
+                     dropout, before mask tokens mark it present); with
+                     "features/<m>".
+  The fusion sows its own under "fusion" (late fusion: "modality_logits"
+  [B, M, K] and "modality_present" [B, M], modalities in sorted order). With
+  `ConcatFusion`, "fused" is the "features/<m>" concatenated in sorted
+  modality order, so a linear head's kernel splits by modality along those
+  widths (OGM-GE's per-modality logits).
+
   Attributes:
     modalities: modality names the model reads from the batch.
-    encoders: per modality, `{"name": <ENCODERS key>, **kwargs}` plus an
-      optional `"frontend": {"name": <FRONTENDS key>, **kwargs}`.
-    fusion: a `FUSIONS` key.
-    fusion_kwargs: extra keyword arguments for the fusion module.
-    num_classes: number of output classes K.
-    head_hidden: hidden widths of the MLP head.
+    encoders: per modality, an encoder module: input [B, ...] -> tokens
+      [B, N_m, D_m], called as `encoder(x, train=...)` (see
+      `mmjax.models.encoders`).
+    fusion: the fusion module (see `mmjax.models.fusion`).
+    num_classes: number of output classes K (the width of unimodal heads).
+    head: the module mapping the fused [B, D] to logits [B, K] (e.g.
+      `MLP((*hidden, K))`); None when the fusion returns logits.
+    frontends: optional per-modality front ends, e.g. waveform [B, T] ->
+      log-mel [B, F, T'], applied before the encoder (or early fusion).
     modality_dropout: {modality: probability} of dropping it while training.
     missing: "zero" or "token", how a missing modality reaches the fusion.
     unimodal_heads: an `UNIMODAL_HEADS` entry (see above).
   """
   modalities: Sequence[str]
-  encoders: Mapping[str, Mapping]
-  fusion: str
+  encoders: Mapping[str, nn.Module]
+  fusion: nn.Module
   num_classes: int
-  head_hidden: Sequence[int] = (100,)
-  fusion_kwargs: Mapping | None = None
+  head: nn.Module | None = None
+  frontends: Mapping[str, nn.Module] | None = None
   modality_dropout: Mapping[str, float] | None = None
   missing: str = "zero"
   unimodal_heads: str = "none"
-
-  def _make_fusion(self):
-    kwargs = dict(self.fusion_kwargs or {})
-    fusion_cls = FUSIONS[self.fusion]
-    if getattr(fusion_cls, "returns_logits", False):
-      kwargs.update(num_classes=self.num_classes, hidden=tuple(self.head_hidden))
-    return fusion_cls(name="fusion", **kwargs)
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False):
@@ -132,7 +154,12 @@ class MultimodalClassifier(nn.Module):
     if self.unimodal_heads not in UNIMODAL_HEADS:
       raise ValueError(f"unimodal_heads={self.unimodal_heads!r}; known: "
                        f"{', '.join(UNIMODAL_HEADS)}")
-    fusion = self._make_fusion()
+    fusion = self.fusion  # attached by its field name: "fusion"
+    returns_logits = getattr(fusion, "returns_logits", False)
+    if returns_logits != (self.head is None):
+      raise ValueError("a fusion that returns logits takes head=None, any "
+                       f"other a head module; got {type(fusion).__name__} "
+                       f"and head={type(self.head).__name__}")
     used = ([fusion.modality] if isinstance(fusion, Unimodal)
             else list(self.modalities))
     masks = {m: batch[f"mask/{m}"] for m in used}
@@ -140,52 +167,50 @@ class MultimodalClassifier(nn.Module):
       masks = drop_modalities(self.make_rng("dropout"), masks,
                               self.modality_dropout)
     present = dict(masks)  # before mask tokens mark every modality present
+    frontends = self.frontends or {}
     inputs = {}
     for m in used:
       x = modality_input(batch, m)
-      spec = self.encoders[m]
-      if spec.get("frontend"):
-        x = _build(FRONTENDS, spec["frontend"], name=f"frontend_{m}")(x)
+      if frontends.get(m) is not None:
+        x = frontends[m].clone(parent=self, name=f"frontend_{m}")(x)
       inputs[m] = x
-    tokens = {}
     if getattr(fusion, "takes_inputs", False):
       if self.unimodal_heads != "none":
         raise ValueError(f"unimodal_heads={self.unimodal_heads!r} needs "
-                         f"per-modality encoders; fusion {self.fusion!r} has "
-                         "none")
+                         f"per-modality encoders; fusion "
+                         f"{type(fusion).__name__} has none")
       if self.missing == "token":  # a learned value per input channel
         self._replace_missing(inputs, masks, lambda x: x.shape[3:])
       fused = fusion(inputs, masks, train=train)
     else:
-      for m in used:
-        spec = {k: v for k, v in self.encoders[m].items() if k != "frontend"}
-        tokens[m] = _build(ENCODERS, spec, name=f"encoder_{m}")(
-            inputs[m], train=train)
+      lacking = [m for m in used if m not in self.encoders]
+      if lacking:
+        raise ValueError(f"no encoder for modality {lacking[0]!r} (encoders: "
+                         f"{', '.join(sorted(self.encoders))})")
+      tokens = {m: self.encoders[m].clone(parent=self, name=f"encoder_{m}")(
+          inputs[m], train=train) for m in used}
       features = {m: zero_masked(pool_tokens(tokens[m]), present[m])
-                  for m in used if self.unimodal_heads in ("probe", "aux")}
+                  for m in used}
+      for m in used:
+        self.sow("intermediates", f"features/{m}", features[m])
+        self.sow("intermediates", f"present/{m}", present[m])
       if self.missing == "token":  # a learned token [D_m] per modality
         self._replace_missing(tokens, masks, lambda x: x.shape[-1:])
       fused = fusion(tokens, masks, train=train)
-    if getattr(fusion, "returns_logits", False):
-      logits, head = fused, None
+    if returns_logits:
+      logits = fused
     else:
-      head = MLP((*self.head_hidden, self.num_classes), name="head")
-      logits = head(fused)
+      self.sow("intermediates", "fused", fused)
+      logits = self.head(fused)  # attached by its field name: "head"
     if self.unimodal_heads == "none":
       return logits
-    if self.unimodal_heads == "decomposed":
-      unimodal = self._decomposed_logits(head, fused, used, tokens)
-    else:
-      unimodal = {}
-      for m in used:
-        x = features[m]
-        if self.unimodal_heads == "probe":
-          x = jax.lax.stop_gradient(x)
-        unimodal[m] = nn.Dense(self.num_classes,
-                               name=f"unimodal_head_{m}")(x)
     out = {"logits": logits}
     for m in used:
-      out[f"unimodal_logits/{m}"] = unimodal[m]
+      x = features[m]
+      if self.unimodal_heads == "probe":
+        x = jax.lax.stop_gradient(x)
+      out[f"unimodal_logits/{m}"] = nn.Dense(
+          self.num_classes, name=f"unimodal_head_{m}")(x)
       out[f"unimodal_present/{m}"] = present[m]
     return out
 
@@ -200,24 +225,3 @@ class MultimodalClassifier(nn.Module):
       mask = masks[m].reshape(-1, *(1,) * (values[m].ndim - 1))
       values[m] = jnp.where(mask, values[m], token)
       masks[m] = jnp.ones_like(masks[m])
-
-  def _decomposed_logits(self, head, fused, used, tokens) -> dict:
-    """The linear concat head by modality: {m: f_m W_m + b / M} [B, K] each.
-
-    `fused` [B, sum_m D_m] holds the masked pooled features f_m in sorted
-    modality order (`ConcatFusion`); W_m are the matching rows of the head's
-    kernel [sum_m D_m, K], b its bias [K].
-    """
-    if self.fusion != "concat" or tuple(self.head_hidden):
-      raise ValueError("unimodal_heads='decomposed' needs fusion 'concat' and "
-                       f"head_hidden=(), got {self.fusion!r} and "
-                       f"{tuple(self.head_hidden)}")
-    dense = head.variables["params"]["dense_0"]
-    out, start = {}, 0
-    for m in sorted(used):
-      width = tokens[m].shape[-1]
-      out[m] = (fused[:, start:start + width] @
-                dense["kernel"][start:start + width] +
-                dense["bias"] / len(used))
-      start += width
-    return out

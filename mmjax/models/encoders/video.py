@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.layers import TransformerBlock
+from mmjax.models.spec import from_spec
 
 
 class FrameEncoder(nn.Module):
@@ -38,8 +39,7 @@ class FrameEncoder(nn.Module):
     if t > self.max_frames:
       raise ValueError(f"video has {t} frames, more than max_frames="
                        f"{self.max_frames}")
-    kwargs = {k: v for k, v in self.frame.items() if k != "name"}
-    encoder = ENCODERS[self.frame["name"]](name="frame_encoder", **kwargs)
+    encoder = from_spec("frame", self.frame, ENCODERS, name="frame_encoder")
     frames = encoder(video.reshape(b * t, *video.shape[2:]), train=train)
     frames = jnp.mean(frames, axis=1).reshape(b, t, -1)  # [B, T, D]
     if self.temporal == "mean":

@@ -1,11 +1,14 @@
 """Early fusion: low-level inputs joined into one network."""
 
+from collections.abc import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax.models.encoders import ENCODERS
 from mmjax.models.layers import pool_tokens
+from mmjax.models.spec import from_spec
 
 
 class EarlyFusion(nn.Module):
@@ -16,10 +19,15 @@ class EarlyFusion(nn.Module):
   height and width among them, zeroed where the modality is masked, and the
   results are concatenated along channels (sorted modality order) into one
   [B, H, W, sum_m C_m] input for a single encoder (`encoder`, e.g. LeNet), whose
-  mean-pooled output tokens [B, D] are the fused representation. This is the "early" end of the
-  early-to-late spectrum (Baltrusaitis et al., TPAMI 2019).
+  mean-pooled output tokens [B, D] are the fused representation. This is the
+  "early" end of the early-to-late spectrum (Baltrusaitis et al., TPAMI 2019).
+
+  Attributes:
+    encoder: the encoder module, or its `ENCODERS` spec
+      `{"name": <ENCODERS key or import string>, **kwargs}`; named "encoder"
+      in the parameter tree either way.
   """
-  encoder: dict
+  encoder: Mapping | nn.Module
   takes_inputs = True
 
   @nn.compact
@@ -35,6 +43,9 @@ class EarlyFusion(nn.Module):
         x = jax.image.resize(x, (x.shape[0], height, width, x.shape[3]),
                              "bilinear")
       stacked.append(jnp.where(masks[name][:, None, None, None], x, 0))
-    kwargs = {k: v for k, v in self.encoder.items() if k != "name"}
-    net = ENCODERS[self.encoder["name"]](name="encoder", **kwargs)
+    if isinstance(self.encoder, nn.Module):
+      net = self.encoder  # attached by its field name: "encoder"
+    else:
+      net = from_spec("model.fusion_kwargs.encoder", self.encoder, ENCODERS,
+                      name="encoder")
     return pool_tokens(net(jnp.concatenate(stacked, -1), train=train))

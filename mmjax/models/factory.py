@@ -1,0 +1,179 @@
+"""Models from config names: the one place where names become modules.
+
+`MultimodalClassifier` and `ContrastiveModel` take modules; these factories
+look up the names a config holds and build them:
+
+  build_model(config)              the classifier (objective "supervised") or
+                                   the contrastive towers, from the whole
+                                   ml_collections config
+  classifier_from_config(config)   the classifier from `config.modalities`
+                                   and `config.model`
+  contrastive_from_config(config)  the towers, `config.frozen` locking encoders
+  build_classifier(...)            the classifier from plain specs
+  build_contrastive(...)           the towers from plain specs
+  build_encoders(...)              {modality: encoder}, {modality: front end}
+
+An encoder spec is `{"name": <ENCODERS key>, **kwargs}` plus an optional
+`"frontend": {"name": <FRONTENDS key>, **kwargs}`; a fusion is a `FUSIONS`
+key. Every name may also be an import string `package.module:Name`
+(`mmjax.registry.lookup`), e.g. `--config.model.fusion=my_fusions:Gated`.
+A fusion class may set `returns_logits = True` (it is then built with
+`num_classes` and `hidden`, and the model gets no head) or
+`takes_inputs = True` (early fusion: no per-modality encoders are built).
+"""
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+
+from mmjax import registry
+from mmjax.models.contrastive import ContrastiveModel
+from mmjax.models.encoders import ENCODERS, FRONTENDS
+from mmjax.models.fusion import FUSIONS, Unimodal
+from mmjax.models.layers import MLP
+from mmjax.models.multimodal import MultimodalClassifier
+from mmjax.models.spec import from_spec
+
+# Config values of `model.unimodal_heads` that add no parameters and no
+# outputs to the model: training methods compute them from the sown
+# intermediates (`MultimodalClassifier`), so the model is built without heads.
+_DERIVED_HEADS = {"decomposed": "none"}
+
+
+def _plain(value):
+  """A plain-dict copy of a ConfigDict or dict (tuples and lists as lists)."""
+  if hasattr(value, "items"):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _class_attribute(factory, attribute: str):
+  """`attribute` of a registry entry: a class or a functools.partial of one."""
+  while isinstance(factory, functools.partial):
+    factory = factory.func
+  return getattr(factory, attribute, False)
+
+
+def build_encoders(specs: Mapping[str, Mapping], modalities: Sequence[str], *,
+                   encoders: bool = True, key: str = "model.encoders"
+                   ) -> tuple[dict, dict]:
+  """Encoder and front-end modules from specs.
+
+  Args:
+    specs: per modality `{"name": <ENCODERS key>, **kwargs}` plus an optional
+      `"frontend": {"name": <FRONTENDS key>, **kwargs}`.
+    modalities: the modalities to build.
+    encoders: False builds the front ends only (early fusion).
+    key: the config key of `specs`, for error messages.
+
+  Returns:
+    ({modality: encoder}, {modality: front end}), the second only for the
+    modalities whose spec has a front end.
+  """
+  built, frontends = {}, {}
+  for m in modalities:
+    spec = dict(specs[m])
+    frontend = spec.pop("frontend", None)
+    if frontend:
+      frontends[m] = from_spec(f"{key}.{m}.frontend", frontend, FRONTENDS)
+    if encoders:
+      built[m] = from_spec(f"{key}.{m}", spec, ENCODERS)
+  return built, frontends
+
+
+def build_classifier(*, modalities: Sequence[str],
+                     encoders: Mapping[str, Mapping], fusion: str,
+                     num_classes: int, head_hidden: Sequence[int] = (100,),
+                     fusion_kwargs: Mapping | None = None,
+                     modality_dropout: Mapping[str, float] | None = None,
+                     missing: str = "zero",
+                     unimodal_heads: str = "none") -> MultimodalClassifier:
+  """`MultimodalClassifier` from names.
+
+  Args:
+    modalities: modality names the model reads from the batch.
+    encoders: per modality an encoder spec (see `build_encoders`).
+    fusion: a `FUSIONS` key or import string.
+    num_classes: number of output classes K.
+    head_hidden: hidden widths of the MLP head [B, D] -> [B, K] (of the
+      fusion's own heads where it returns logits).
+    fusion_kwargs: extra keyword arguments for the fusion module.
+    modality_dropout, missing, unimodal_heads: as `MultimodalClassifier`.
+  """
+  fusion_cls = registry.lookup("model.fusion", fusion, FUSIONS)
+  kwargs = dict(fusion_kwargs or {})
+  returns_logits = _class_attribute(fusion_cls, "returns_logits")
+  if returns_logits:
+    kwargs.update(num_classes=num_classes, hidden=tuple(head_hidden))
+  fusion_module = fusion_cls(**kwargs)
+  used = ([fusion_module.modality] if isinstance(fusion_module, Unimodal)
+          else list(modalities))
+  encoder_modules, frontends = build_encoders(
+      encoders, used,
+      encoders=not _class_attribute(fusion_cls, "takes_inputs"))
+  return MultimodalClassifier(
+      modalities=tuple(modalities), encoders=encoder_modules,
+      frontends=frontends, fusion=fusion_module, num_classes=num_classes,
+      head=None if returns_logits else MLP((*head_hidden, num_classes)),
+      modality_dropout=modality_dropout, missing=missing,
+      unimodal_heads=unimodal_heads)
+
+
+def build_contrastive(*, modalities: Sequence[str],
+                      encoders: Mapping[str, Mapping], embed_dim: int = 128,
+                      objective: str = "softmax",
+                      locked: Sequence[str] = ()) -> ContrastiveModel:
+  """`ContrastiveModel` from names.
+
+  Args:
+    modalities: one tower each.
+    encoders: per modality an encoder spec (see `build_encoders`).
+    embed_dim, objective, locked: as `ContrastiveModel`.
+  """
+  encoder_modules, frontends = build_encoders(encoders, modalities)
+  return ContrastiveModel(modalities=tuple(modalities),
+                          encoders=encoder_modules, frontends=frontends,
+                          embed_dim=embed_dim, objective=objective,
+                          locked=tuple(locked))
+
+
+def classifier_from_config(config) -> MultimodalClassifier:
+  """The classifier of `config.modalities` and `config.model` (encoders,
+  fusion, num_classes, head_hidden, fusion_kwargs, modality_dropout,
+  missing, optional unimodal_heads)."""
+  heads = config.model.get("unimodal_heads", "none")
+  return build_classifier(
+      modalities=tuple(config.modalities),
+      encoders=_plain(config.model.encoders),
+      fusion=config.model.fusion,
+      num_classes=config.model.num_classes,
+      head_hidden=tuple(config.model.head_hidden),
+      fusion_kwargs=_plain(config.model.fusion_kwargs),
+      modality_dropout=_plain(config.model.modality_dropout),
+      missing=config.model.missing,
+      unimodal_heads=_DERIVED_HEADS.get(heads, heads))
+
+
+def contrastive_from_config(config) -> ContrastiveModel:
+  """The towers of `config.modalities` and `config.model` (encoders,
+  embed_dim), the objective's family ("softmax" of "softmax_ring"), and as
+  `locked` every modality whose whole encoder `config.frozen` matches (a
+  regex over parameter paths, e.g. "tower_text/encoder/.*")."""
+  # A tower whose whole encoder matches `frozen` also skips its backward.
+  frozen = re.compile(config.frozen) if config.get("frozen") else None
+  return build_contrastive(
+      modalities=tuple(config.modalities),
+      encoders=_plain(config.model.encoders),
+      embed_dim=config.model.embed_dim,
+      objective=config.objective.split("_")[0],
+      locked=tuple(m for m in config.modalities
+                   if frozen and frozen.fullmatch(f"tower_{m}/encoder/")))
+
+
+def build_model(config) -> MultimodalClassifier | ContrastiveModel:
+  """The classifier (objective "supervised") or the contrastive towers."""
+  if config.objective != "supervised":
+    return contrastive_from_config(config)
+  return classifier_from_config(config)
