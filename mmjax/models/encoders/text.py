@@ -2,7 +2,7 @@
 
 Token ids are int32 [B, L]; id 0 is padding (`[PAD]` in BERT's vocabulary)
 unless an explicit boolean `padding_mask` [B, L] (True at real tokens) is
-given. `mmjax.data.tokenizer.WordPieceTokenizer` makes both arrays, and
+given. The data package's `WordPieceTokenizer` makes both arrays, and
 `mmjax.models.pretrained.load_minilm` gives pretrained BERT weights.
 """
 
