@@ -31,7 +31,7 @@ Expected result and runtime: see README "Contrastive results".
 
 import ml_collections
 
-from mmjax.configs import parse_arg, set_training
+from mmjax.configs import common
 
 IMAGE_LENET = {"name": "lenet", "features": 6, "extra_layers": 3}
 AUDIO_LENET = {"name": "lenet", "features": 6, "extra_layers": 5,
@@ -40,20 +40,13 @@ AUDIO_LENET = {"name": "lenet", "features": 6, "extra_layers": 5,
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=300,
+  args = common.parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=300,
                    batch=128, examples=0)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
   # Data.
-  config.dataset = "avmnist/clean"
-  config.data_dir = ""
-  config.source_dir = ""
-  config.modalities = ("image", "audio")
-  config.audio_length = 8000
-  config.train_split = "train"
-  config.eval_splits = ("test",)
-  config.data_workers = 0
+  common.set_data(config, "avmnist/clean", modalities=("image", "audio"), eval_splits=("test",), audio_length=8000)
   config.evaluators = {
       "zero_shot": {"modality": "audio", "prototypes_from": "image"},
       "retrieval": {"query": "audio", "target": "image"},
@@ -69,7 +62,7 @@ def get_config(arg=None):
 
   # Optimisation, parallelism, logging and checkpoints.
   steps = args.examples // args.batch if args.examples else args.steps
-  set_training(config, batch_size=args.batch, steps=steps, smoke=args.smoke)
+  common.set_training(config, batch_size=args.batch, steps=steps, smoke=args.smoke)
   if args.smoke:
     config.eval_splits = ("val",)
     config.evaluators.linear_probe.train_split = "val"

@@ -30,7 +30,7 @@ Arguments (comma list after the colon):
                modality's representation is (mmjax/models/multimodal.py).
   linear_head  a linear fused head (`head_hidden=()`), the setting of the
                OGM-GE paper (concatenation, one FC layer).
-  imbalance=M  a modality-imbalance method (mmjax/imbalance.py):
+  imbalance=M  a modality-imbalance method (mmjax/methods/):
                none (default);
                ogm_ge: OGM-GE (Peng et al., CVPR 2022), alpha 0.1, modulating
                  the first half of the steps like the official 0-50 of 100
@@ -58,7 +58,7 @@ once the dataset is built.
 
 import ml_collections
 
-from mmjax.configs import parse_arg, set_training
+from mmjax.configs import common
 from mmjax.errors import UsageError
 
 IMAGE_LENET = {"name": "lenet", "features": 6, "extra_layers": 3}
@@ -73,7 +73,7 @@ LOGMEL = {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, fusion="concat", clean=False, smoke=False, seed=0,
+  args = common.parse_arg(arg, fusion="concat", clean=False, smoke=False, seed=0,
                    grid=False, drop=0.0, steps=430, image="lenet",
                    audio="lenet", probe=False, linear_head=False,
                    imbalance="none", latents=0, fusion_layer=-1)
@@ -81,16 +81,9 @@ def get_config(arg=None):
   config.seed = args.seed
 
   # Data.
-  config.dataset = "avmnist/clean" if args.clean else "avmnist"
-  config.data_dir = ""    # built tfds datasets; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  config.source_dir = ""  # raw files; "" = the repo's data/
-  config.modalities = ("image", "audio")
-  config.audio_length = 8000 if args.clean else 0  # waveform samples (1 s)
-  config.train_split = "train"
-  config.eval_splits = ("val", "test")
+  common.set_data(config, "avmnist/clean" if args.clean else "avmnist", modalities=("image", "audio"), eval_splits=("val", "test"), audio_length=8000 if args.clean else 0)
   # mmjax/evaluators: accuracy and loss; accuracy with each modality removed.
   config.evaluators = {"classification": {}, "missing_modality": {}}
-  config.data_workers = 0  # grain worker processes; 0 = in the main process
 
   # Model.
   config.model = ml_collections.ConfigDict()
@@ -122,12 +115,13 @@ def get_config(arg=None):
   config.model.modality_dropout = {"image": args.drop, "audio": args.drop}
   config.model.missing = "zero"
   config.model.num_classes = 10
-  # Unimodal heads: none, probe, aux (trained into the encoders, G-Blending)
-  # or decomposed (the linear concat head split by modality, OGM-GE).
+  # Unimodal heads: none, probe or aux (trained into the encoders,
+  # G-Blending). OGM-GE with `linear_head` (and concat) scores each modality
+  # with the linear concat head split by modality instead.
   if args.imbalance == "gblend":  # its aux heads also report, probe or not
     config.model.unimodal_heads = "aux"
   elif args.imbalance == "ogm_ge" and args.linear_head:
-    config.model.unimodal_heads = "decomposed"
+    config.model.unimodal_heads = "none"
   elif args.imbalance == "ogm_ge" or args.probe:
     config.model.unimodal_heads = "probe"
   else:
@@ -135,9 +129,9 @@ def get_config(arg=None):
   config.objective = "supervised"
 
   # Optimisation, parallelism, logging and checkpoints.
-  set_training(config, batch_size=128, steps=args.steps, smoke=args.smoke)
+  common.set_training(config, batch_size=128, steps=args.steps, smoke=args.smoke)
 
-  # Modality imbalance (mmjax/imbalance.py): the method and its options.
+  # Modality imbalance (mmjax/methods/): the method and its options.
   config.imbalance = ml_collections.ConfigDict()
   config.imbalance.method = args.imbalance  # none, ogm_ge or gblend
   # OGM-GE: k = 1 - tanh(alpha * rho) for the dominant modality at steps

@@ -38,26 +38,17 @@ with mock data).
 
 import ml_collections
 
-from mmjax.configs import parse_arg, set_training
-from mmjax.data.tokenizer import ByteTokenizer
-from mmjax.models.pretrained import MINILM_ENCODER
+from mmjax.configs import common
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=5000)
+  args = common.parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=5000)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
   # Data.
-  config.dataset = "tfds:coco_captions/2014:1.1.0"
-  config.data_dir = ""
-  config.source_dir = ""
-  config.modalities = ("image", "text")
-  config.audio_length = 0
+  common.set_data(config, "tfds:coco_captions/2014:1.1.0", modalities=("image", "text"), eval_splits=("test",), data_workers=0 if args.smoke else 8)
   config.image_size = 32 if args.smoke else 224
-  config.train_split = "train"
-  config.eval_splits = ("test",)
-  config.data_workers = 0 if args.smoke else 8
   config.text = ml_collections.ConfigDict()
   config.text.tokenizer = "bytes" if args.smoke else "minilm"
   config.text.max_length = 32 if args.smoke else 64
@@ -73,20 +64,20 @@ def get_config(arg=None):
         "image": {"name": "vit", "width": 32, "depth": 2, "mlp_dim": 64,
                   "num_heads": 2, "patch_size": 8, "pool": "gap"},
         "text": {"name": "bag_of_embeddings",
-                 "vocab_size": ByteTokenizer.vocab_size, "dim": 32}}
+                 "vocab_size": common.BYTE_VOCAB_SIZE, "dim": 32}}
     config.model.embed_dim = 32
     config.model.init = {}
     config.frozen = ""
   else:
     config.model.encoders = {
         "image": {"name": "vit", "variant": "B/16", "pool": "gap"},
-        "text": MINILM_ENCODER}
+        "text": common.MINILM_ENCODER}
     config.model.embed_dim = 512
     config.model.init = {"tower_text/encoder": "minilm"}
     config.frozen = "tower_text/encoder/.*"
 
   # Optimisation, parallelism, logging and checkpoints.
-  set_training(config, batch_size=8 if args.smoke else 1024, steps=args.steps,
+  common.set_training(config, batch_size=8 if args.smoke else 1024, steps=args.steps,
                smoke=args.smoke, log_every=100, eval_batch_size=8 if args.smoke
                else 500, checkpoint_every=1000)
   if args.smoke:

@@ -25,24 +25,16 @@ Expected result and runtime: see README "Contrastive results".
 
 import ml_collections
 
-from mmjax.configs import parse_arg, set_training
-from mmjax.models.pretrained import MINILM_ENCODER
+from mmjax.configs import common
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=100)
+  args = common.parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=100)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
   # Data.
-  config.dataset = "coco_mini"
-  config.data_dir = ""
-  config.source_dir = ""
-  config.modalities = ("image", "text")
-  config.audio_length = 0
-  config.train_split = "train"
-  config.eval_splits = ("test",)
-  config.data_workers = 0
+  common.set_data(config, "coco_mini", modalities=("image", "text"), eval_splits=("test",))
   config.text = ml_collections.ConfigDict()
   config.text.tokenizer = "minilm"
   config.text.max_length = 32
@@ -55,12 +47,12 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.encoders = {
       "image": {"name": "resnet", "depth": 18, "width": 16, "stem": "cifar"},
-      "text": MINILM_ENCODER}
+      "text": common.MINILM_ENCODER}
   config.model.embed_dim = 64
   config.model.init = {"tower_text/encoder": "minilm"}
   config.frozen = "tower_text/encoder/.*"
 
   # Optimisation, parallelism, logging and checkpoints.
-  set_training(config, batch_size=32, steps=args.steps, smoke=args.smoke,
+  common.set_training(config, batch_size=32, steps=args.steps, smoke=args.smoke,
                log_every=20, eval_batch_size=20)
   return config

@@ -25,8 +25,7 @@ Expected result and runtime: see README "Contrastive results".
 
 import ml_collections
 
-from mmjax.configs import parse_arg, set_training
-from mmjax.models.pretrained import MINILM_ENCODER
+from mmjax.configs import common
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven",
           "eight", "nine")
@@ -38,19 +37,12 @@ EVAL_TEMPLATES = ("a picture of the number {}.", "this is a {}.",
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=300)
+  args = common.parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=300)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
   # Data.
-  config.dataset = "mnist"
-  config.data_dir = ""
-  config.source_dir = ""
-  config.modalities = ("image", "text")
-  config.audio_length = 0
-  config.train_split = "train"
-  config.eval_splits = ("test",)
-  config.data_workers = 0
+  common.set_data(config, "mnist", modalities=("image", "text"), eval_splits=("test",))
   config.text = ml_collections.ConfigDict()
   config.text.tokenizer = "minilm"
   config.text.max_length = 12
@@ -65,11 +57,11 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict()
   config.model.encoders = {
       "image": {"name": "lenet", "features": 6, "extra_layers": 3},
-      "text": MINILM_ENCODER}
+      "text": common.MINILM_ENCODER}
   config.model.embed_dim = 64
   config.model.init = {"tower_text/encoder": "minilm"}
   config.frozen = "tower_text/encoder/.*"
 
   # Optimisation, parallelism, logging and checkpoints.
-  set_training(config, batch_size=128, steps=args.steps, smoke=args.smoke)
+  common.set_training(config, batch_size=128, steps=args.steps, smoke=args.smoke)
   return config

@@ -4,7 +4,8 @@
 # SMOKE_ARGS: config overrides that log, evaluate and checkpoint at every
 # step and evaluate on 64 test examples; with 3 training steps (each script's
 # smoke grid) CI runs the sweep and its notebook in seconds per point
-# (tests/test_notebooks.py). Runs from the repo root.
+# (tests/test_notebooks.py). Runs from the repo root, with the interpreter
+# $PYTHON (default python3), so that a venv need not be activated.
 set -euo pipefail
 if [[ $# -lt 1 || $# -gt 2 || ( $# -eq 2 && "$2" != smoke ) ]]; then
   echo "usage: bash $0 DIR [smoke]" >&2

@@ -12,6 +12,8 @@ import time
 import jax
 from tensorboardX import SummaryWriter
 
+from mmjax import results
+
 # Peak dense FLOP/s per device, for MFU. CPU: fp32 matrix multiply measured
 # on the 2-core development machine (AVX-512), for the whole host; the
 # accelerator figures are the vendors' dense bf16 peaks.
@@ -76,24 +78,20 @@ class MetricWriter:
       self._bar = tqdm.tqdm(total=total_steps, unit="step", dynamic_ncols=True)
 
   def resume(self, step: int):
-    """Keeps only rows up to `step` and moves the progress bar there."""
+    """Keeps only rows up to `step` (and drops a torn last line) and moves
+    the progress bar there."""
     if not self.main:
       return
     if self._path.exists():
-      rows = [line for line in self._path.read_text().splitlines()
-              if line and json.loads(line)["step"] <= step]
-      self._path.write_text("".join(r + "\n" for r in rows))
+      rows = [r for r in results.read_jsonl(self._path) if r["step"] <= step]
+      self._path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
 
   def has_final_row(self, total_steps: int) -> bool:
-    """Whether the final evaluation (the row with `wall_time_s` at
-    `total_steps`) was written; every process reads the same file."""
-    if not self._path.exists():
-      return False
-    rows = [json.loads(line) for line in self._path.read_text().splitlines()
-            if line]
-    return any(r["step"] == total_steps and "wall_time_s" in r for r in rows)
+    """Whether the final evaluation row was written (`results.has_final_row`);
+    every process reads the same file."""
+    return results.has_final_row(results.read_jsonl(self._path), total_steps)
 
   def write(self, step: int, metrics: dict):
     if not self.main:

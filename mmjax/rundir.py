@@ -34,6 +34,21 @@ MAX_LISTED = 5
 _MISSING = object()
 
 
+def check_workdir(workdir):
+  """Creates `workdir` if needed; UsageError if it is a file or cannot be
+  created or written."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise UsageError(f"--workdir {workdir} is a file, not a directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--workdir {workdir} cannot be created: "
+                     f"{e.strerror or e}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UsageError(f"--workdir {workdir} is not writable")
+
+
 class RunLock:
   """`with RunLock(workdir): ...`: UsageError if another run holds it."""
 
@@ -43,7 +58,7 @@ class RunLock:
     self._fd = None
 
   def acquire(self):
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(self.workdir)
     # No O_TRUNC: the holder's pid stays readable until the lock is ours.
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -16,7 +16,8 @@ brackets or quotes belong to the value: `config.model.head_hidden=(100,),(64,32)
 Every point's config is built and checked before anything starts, so that a
 bad axis, key or value stops the whole sweep with one `error: ...` line and
 exit status 2, as do a malformed --grid and a point directory that holds a run
-of another config.
+of another config (`mmjax.rundir.check_resume`: keys that change the model,
+the data or the optimisation; a larger total_steps extends a point).
 
 Each point is an ordinary `python -m mmjax.train` run in DIR/<point>, named
 from its grid values (`fusion=late,seed=0`; `config.` dropped from key axes),
@@ -34,8 +35,9 @@ last `error: ...` line, else its last line of output) and the others go on.
 Ctrl-C (or SIGTERM) interrupts the running points, which keep their
 checkpoints, and writes the results so far (exit status 130).
 
-Outputs: DIR/results.json (a list of rows; `load_results(DIR)` reads it, and
-`metric(row, "classification/accuracy")` picks an eval metric) and
+Outputs: DIR/results.json (a list of rows; `mmjax.results.load_results(DIR)`
+reads it, and `mmjax.results.metric(row, "classification/accuracy")` picks an
+eval metric) and
 DIR/results.csv (the columns are the union over rows), rewritten whenever a
 point ends. One row per point: the grid values (one column per axis, int,
 float or str), name, status ("ok", "failed" or "pending"), error, attempts,
@@ -70,23 +72,20 @@ from collections.abc import Sequence
 
 import jax
 
-from mmjax import configs
+from mmjax import cli, rundir
+from mmjax.results import is_finished, last_value, read_jsonl
 from mmjax.errors import UsageError
 
 USAGE = ("usage: python -m mmjax.sweep --config configs/X.py[:ARGS] "
          "--grid \"NAME=V1,V2 ...\" --workdir DIR [--parallel N] "
          "[--config.KEY=VALUE ...]")
 
-# Config keys that may differ between a point's directory and the sweep:
-# where data lives and how it is read, none of which changes the result.
-IGNORED_KEYS = ("data_dir", "source_dir", "data_workers", "keep_checkpoints",
-                "peak_flops")
 # results.csv column order around the axes and the sorted eval metrics.
 LEADING = ("name", "status", "error", "attempts", "steps", "total_steps",
            "batch_size", "train/loss")
 TRAILING = ("num_params", "train_flops_per_example", "examples_per_sec",
             "wall_time_s", "machine")
-INTERRUPTED = 130  # exit status after Ctrl-C, as `mmjax.train`'s
+INTERRUPTED = cli.INTERRUPTED  # exit status after Ctrl-C
 
 
 # ------------------------------------------------------------------- grid ---
@@ -234,28 +233,20 @@ class Sweep:
             *(f"--config.{o}" for o in self.overrides), *keys]
 
 
+PROGRAM = cli.Program(
+    "sweep", USAGE, {
+        "--config": cli.CONFIG_FLAGS["--config"],
+        "--grid": "the grid: space-separated axes NAME=V1,V2,... (NAME an "
+                  "ARGS key of the config, or config.KEY)",
+        "--workdir": "the sweep's directory: one run directory per point, "
+                     "results.csv, results.json",
+        "--parallel": "how many points run at once (1)"},
+    required=("--config", "--grid", "--workdir"))
+
+
 def parse_command_line(argv: Sequence[str]) -> Sweep:
   """argv (without the program) -> Sweep; UsageError on bad input."""
-  options, overrides = {}, []
-  args = list(argv)
-  while args:
-    arg = args.pop(0)
-    name, eq, value = arg.partition("=")
-    if name in ("--config", "--grid", "--workdir", "--parallel"):
-      if not eq:
-        if not args:
-          raise UsageError(f"{name} needs a value; {USAGE}")
-        value = args.pop(0)
-      options[name[2:]] = value
-    elif name.startswith("--config.") and name != "--config.":
-      if not eq:
-        raise UsageError(f"override '{arg}' needs a value: {name}=VALUE")
-      overrides.append(arg[len("--config."):])
-    else:
-      raise UsageError(f"unknown argument '{arg}'; {USAGE}")
-  for required in ("config", "grid", "workdir"):
-    if not options.get(required):
-      raise UsageError(f"--{required} is missing; {USAGE}")
+  options, overrides = cli.parse_flags(argv, PROGRAM)
   try:
     parallel = int(options.get("parallel", "1"))
   except ValueError:
@@ -278,9 +269,8 @@ def parse_command_line(argv: Sequence[str]) -> Sweep:
 
 def build_config(sweep: Sweep, point: Point):
   """The point's locked config, exactly as `mmjax.train` will build it."""
-  from mmjax import train  # here, so that importing machine() stays light
   try:
-    return train.parse_command_line(sweep.point_argv(point))[0]
+    return cli.parse_command_line(sweep.point_argv(point), "train")[0]
   except UsageError:
     raise
   except Exception as e:  # a config file's own check, e.g. int("x")
@@ -314,64 +304,16 @@ def build_configs(sweep: Sweep, points: Sequence[Point]):
       raise UsageError(f"{blame(sweep, point, e)}{e}") from None
 
 
-def flatten(tree, prefix: str = "") -> dict:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  flat = {}
-  for key, value in tree.items():
-    flat.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict)
-                        and value else f"{prefix}{key}"))
-  return flat
-
-
-def check_existing(sweep: Sweep, point: Point):
-  """Refuses a point directory that holds a run of another config."""
-  saved = sweep.point_dir(point) / "config.json"
-  if not saved.exists():
-    return
-  old = flatten(json.loads(saved.read_text()))
-  new = flatten(json.loads(json.dumps(configs.to_dict(point.config))))
-  differ = [k for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and k not in IGNORED_KEYS]
-  if differ:
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                      for k in differ[:3])
-    raise UsageError(f"{sweep.point_dir(point)} holds a run of another config "
-                     f"({shown}{', ...' if len(differ) > 3 else ''}); use "
-                     "another --workdir or remove it")
-
-
 def plan(sweep: Sweep) -> list[Point]:
   """The points, each with its checked config; UsageError if any is bad."""
   points = grid_points(sweep.axes)
   build_configs(sweep, points)
   for point in points:
-    check_existing(sweep, point)
+    rundir.check_resume(sweep.point_dir(point), point.config.to_dict())
   return points
 
 
 # ---------------------------------------------------------------- results ---
-
-
-def read_jsonl(path: pathlib.Path) -> list[dict]:
-  """The rows of a jsonl file; a torn last line is left out."""
-  if not path.exists():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      pass
-  return rows
-
-
-def is_finished(run_dir: pathlib.Path, total_steps: int) -> bool:
-  """The run wrote its final metrics row and its last checkpoint."""
-  final = any(r.get("step") == total_steps and "wall_time_s" in r
-              for r in read_jsonl(run_dir / "metrics.jsonl"))
-  return final and (run_dir / "checkpoints" / str(total_steps)).is_dir()
 
 
 def attempts_of(run_dir: pathlib.Path) -> list[dict]:
@@ -385,11 +327,6 @@ def record_attempt(run_dir: pathlib.Path, attempt: dict):
   attempts = attempts_of(run_dir) + [attempt]
   write_atomically(run_dir / "sweep.json",
                    json.dumps({"attempts": attempts}, indent=1) + "\n")
-
-
-def last_value(rows: Sequence[dict], key: str):
-  values = [r[key] for r in rows if key in r]
-  return values[-1] if values else None
 
 
 def result_row(sweep: Sweep, point: Point) -> dict:
@@ -452,31 +389,6 @@ def write_results(sweep: Sweep, points: Sequence[Point]) -> list[dict]:
                      for row in rows)
   os.replace(tmp, sweep.workdir / "results.csv")
   return rows
-
-
-def load_results(workdir: str | os.PathLike) -> list[dict]:
-  """The rows of a sweep's results.json, one dict per point."""
-  return json.loads((pathlib.Path(workdir) / "results.json").read_text())
-
-
-def metric(row: dict, name: str, dataset: str | None = None):
-  """A results row's `eval/<dataset>/<name>`, e.g. metric(row,
-  "classification/accuracy"); `dataset` may be left out when the row has
-  that metric for one dataset only. KeyError when absent or ambiguous."""
-  keys = [k for k in row if k.startswith("eval/")
-          and k.split("/", 2)[2:] == [name]
-          and dataset in (None, k.split("/")[1])]
-  if len(keys) != 1:
-    raise KeyError(f"{name!r}{f' of {dataset!r}' if dataset else ''}: "
-                   f"{'ambiguous, ' + ', '.join(keys) if keys else 'absent'} "
-                   f"in the row of {row.get('name')!r}")
-  return row[keys[0]]
-
-
-def cell(value, spec: str = ".0f") -> str:
-  """A table cell of a results value; "-" where it is None (a rate such as
-  examples_per_sec when a run logged too few intervals to measure one)."""
-  return "-" if value is None else format(value, spec)
 
 
 # -------------------------------------------------------------- machines ---
@@ -696,19 +608,18 @@ def _interrupt(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  try:
-    sweep = parse_command_line(sys.argv[1:] if argv is None else argv)
+  def run(args):
+    sweep = parse_command_line(args)
     points = plan(sweep)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  previous = {s: signal.signal(s, _interrupt)
-              for s in (signal.SIGTERM, signal.SIGHUP)}
-  try:
-    return run_sweep(sweep, points)
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
+    previous = {s: signal.signal(s, _interrupt)
+                for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+      return run_sweep(sweep, points)
+    finally:
+      for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+  return cli.main(run, PROGRAM, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_info, file_adapters
 from tensorflow_datasets.core import splits as splits_lib
 
-from mmjax import configs, parallel, train
+from mmjax import configs, experiment, parallel, train
 from mmjax.data import pipeline
 from mmjax.errors import UsageError
 
@@ -64,7 +64,7 @@ def mock_coco(metadata_dir, num_examples=16):
 def smoke_config(data_dir):
   config = configs.apply_overrides(configs.load_config(CONFIG),
                                    [f"data_dir={data_dir}"])
-  train.check_config(config)
+  experiment.check_config(config)
   return config
 
 

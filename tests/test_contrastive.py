@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mmjax import configs, parallel, train
+from mmjax import configs, experiment, parallel
 from mmjax.data import pipeline
 from mmjax.errors import UsageError
 from mmjax.models.contrastive import ContrastiveModel
@@ -140,16 +140,16 @@ def test_load_pretrained_overwrites_a_subtree_and_checks_shapes(monkeypatch):
   with config.unlocked():
     config.model.encoders = {"image": IMAGE, "audio": IMAGE}
   mesh = parallel.make_mesh(8)
-  model = train.build_model(config)
+  model = experiment.build_model(config)
   spec = {k: jax.ShapeDtypeStruct((8,) + v.shape[1:], v.dtype)
           for k, v in batch(8).items() if k == "image"}
   spec["audio"] = spec["image"]
-  state, _ = train.create_train_state(
-      config, model, train.build_optimizer(config)[0], spec, mesh)
+  state, _ = experiment.create_train_state(
+      config, model, experiment.build_optimizer(config)[0], spec, mesh)
   target = state.params["tower_audio"]["encoder"]
   fake = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32), target)
-  monkeypatch.setattr(train.pretrained, "load_minilm", lambda: ({}, fake))
-  loaded = train.load_pretrained(state, {"tower_audio/encoder": "minilm"})
+  monkeypatch.setattr(experiment.pretrained, "load_minilm", lambda: ({}, fake))
+  loaded = experiment.load_pretrained(state, {"tower_audio/encoder": "minilm"})
   for new, old in zip(jax.tree.leaves(loaded.params["tower_audio"]["encoder"]),
                       jax.tree.leaves(target)):
     np.testing.assert_array_equal(new, 0.5)
@@ -158,9 +158,9 @@ def test_load_pretrained_overwrites_a_subtree_and_checks_shapes(monkeypatch):
       loaded.params["tower_image"]["projection"]["kernel"],
       state.params["tower_image"]["projection"]["kernel"])
   with pytest.raises(UsageError, match="does not fit"):
-    train.load_pretrained(state, {"tower_image/projection": "minilm"})
+    experiment.load_pretrained(state, {"tower_image/projection": "minilm"})
   with pytest.raises(UsageError, match="unknown model.init"):
-    train.load_pretrained(state, {"tower_image/encoder": "bert-huge"})
+    experiment.load_pretrained(state, {"tower_image/encoder": "bert-huge"})
 
 
 def fake_tokenizer(texts):

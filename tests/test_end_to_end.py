@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmjax import checkpoint, train
+from mmjax import checkpoint, cli, experiment, train
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -111,29 +111,29 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_dir):
 
 def test_stopped_in_its_final_evaluation_keeps_the_step_then_only_evaluates(
     tmp_path, data_dir, monkeypatch):
-  config, _ = train.parse_command_line(command(
+  config, _ = cli.parse_command_line(command(
       tmp_path, data_dir, "--config.total_steps=20", "--config.batch_size=32",
       "--config.optimizer.warmup_steps=5", "--config.checkpoint_every=100",
       "--config.eval_every=100", "--config.eval_splits=('val',)",
       "--config.mesh_devices=1")[3:])
-  evaluate_splits, evaluations = train.evaluate_splits, []
+  evaluate, evaluations = experiment.Experiment.evaluate, []
 
   def stopped(*args, **kwargs):
     raise KeyboardInterrupt
 
   def counted(*args, **kwargs):
     evaluations.append(args)
-    return evaluate_splits(*args, **kwargs)
+    return evaluate(*args, **kwargs)
 
-  monkeypatch.setattr(train, "evaluate_splits", stopped)
+  monkeypatch.setattr(experiment.Experiment, "evaluate", stopped)
   with pytest.raises(KeyboardInterrupt):
     train.train(config, str(tmp_path))
   assert checkpoint_steps(tmp_path / "checkpoints") == [20]
 
-  monkeypatch.setattr(train, "evaluate_splits", counted)
+  monkeypatch.setattr(experiment.Experiment, "evaluate", counted)
   monkeypatch.setattr(train, "make_train_step", None)  # training would fail
   for _ in range(2):  # the second run finds the final row and does nothing
-    assert int(train.train(config, str(tmp_path)).step) == 20
+    assert int(train.train(config, str(tmp_path))[0].step) == 20
   assert len(evaluations) == 1
   rows = [json.loads(line) for line in
           (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""Unimodal heads, OGM-GE and G-Blending (mmjax/imbalance.py) on tiny shapes."""
+"""Training methods (mmjax/methods: OGM-GE, G-Blending) and unimodal heads,
+on tiny shapes."""
 
 import math
 
@@ -8,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax import configs, imbalance, objectives, parallel, train
+from mmjax import configs, experiment, methods, objectives, parallel, train
 from mmjax.errors import UsageError
 from mmjax.evaluators import classification, missing_modality
-from mmjax.models.multimodal import MultimodalClassifier
+from mmjax.methods import gblend, ogm_ge
 
 SMALL = {"image": {"name": "lenet", "features": 4, "extra_layers": 3},
          "audio": {"name": "lenet", "features": 4, "extra_layers": 3}}
@@ -32,25 +33,27 @@ def make_config(args="", **overrides):
     config.model.encoders = SMALL
   config = configs.apply_overrides(
       config, [f"{k}={v}" for k, v in overrides.items()])
-  train.check_config(config)
+  experiment.check_config(config)
   return config
 
 
-def model_and_grads(heads, batch, weights=None):
-  """(model, variables, outputs, grads of the objective) for a concat model
-  with `heads` unimodal heads."""
-  model = MultimodalClassifier(
-      modalities=("image", "audio"), encoders=SMALL, fusion="concat",
-      num_classes=10, head_hidden=() if heads == "decomposed" else (100,),
-      unimodal_heads=heads)
+def model_and_grads(heads, batch, weights=None, head_hidden=(100,)):
+  """(model, variables, outputs, grads of the objective, intermediates) for a
+  concat model with `heads` unimodal heads."""
+  config = make_config(**{"model.unimodal_heads": heads,
+                          "model.head_hidden": head_hidden})
+  model = experiment.build_model(config)
   variables = model.init(jax.random.key(0), batch, train=False)
 
   def loss(params):
-    outputs = model.apply({**variables, "params": params}, batch, train=False)
-    return objectives.supervised(outputs, batch, weights)[0], outputs
+    outputs, sown = model.apply({**variables, "params": params}, batch,
+                                train=False, mutable=["intermediates"])
+    return (objectives.supervised(outputs, batch, weights)[0],
+            (outputs, sown["intermediates"]))
 
-  grads, outputs = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-  return model, variables, outputs, grads
+  grads, (outputs, sown) = jax.jit(jax.grad(loss, has_aux=True))(
+      variables["params"])
+  return model, variables, outputs, grads, sown
 
 
 # ---------------------------------------------------------------- OGM-GE ---
@@ -58,23 +61,23 @@ def model_and_grads(heads, batch, weights=None):
 
 def test_ogm_coefficients_by_hand():
   # Two modalities: rho_a = 6 / 3 = 2 > 1, so k_a = 1 - tanh(0.5 * 2).
-  rho, k = imbalance.ogm_coefficients(jnp.array([6.0, 3.0]),
+  rho, k = ogm_ge.ogm_coefficients(jnp.array([6.0, 3.0]),
                                       jnp.array([8.0, 8.0]), 0.5)
   np.testing.assert_allclose(rho, [2.0, 0.5], rtol=1e-6)
   np.testing.assert_allclose(k, [1 - 0.7615941559557649, 1.0], rtol=1e-6)
   # Means over present examples: 2 / 2 = 1.0 vs 3 / 6 = 0.5.
-  rho, k = imbalance.ogm_coefficients(jnp.array([2.0, 3.0]),
+  rho, k = ogm_ge.ogm_coefficients(jnp.array([2.0, 3.0]),
                                       jnp.array([2.0, 6.0]), 0.1)
   np.testing.assert_allclose(rho, [2.0, 0.5], rtol=1e-6)
   np.testing.assert_allclose(k, [1 - math.tanh(0.2), 1.0], rtol=1e-6)
   # Three modalities: rho^u = mean_u / mean of the others' means
   # (0.75 / 0.375, 0.5 / 0.5, 0.25 / 0.625); only rho > 1 is modulated.
-  rho, k = imbalance.ogm_coefficients(jnp.array([3.0, 2.0, 1.0]),
+  rho, k = ogm_ge.ogm_coefficients(jnp.array([3.0, 2.0, 1.0]),
                                       jnp.full(3, 4.0), 0.1)
   np.testing.assert_allclose(rho, [2.0, 1.0, 0.4], rtol=1e-6)
   np.testing.assert_allclose(k, [1 - math.tanh(0.2), 1.0, 1.0], rtol=1e-6)
   # A modality absent from the whole batch: no modulation.
-  _, k = imbalance.ogm_coefficients(jnp.array([6.0, 0.0]),
+  _, k = ogm_ge.ogm_coefficients(jnp.array([6.0, 0.0]),
                                     jnp.array([8.0, 0.0]), 0.5)
   np.testing.assert_array_equal(k, [1.0, 1.0])
 
@@ -84,7 +87,7 @@ def test_modality_scores_sum_label_probabilities_over_present_examples():
   labels = np.array([0, 2, 1, 2])
   present = np.array([True, True, False, True])
   outputs = {"unimodal_logits/a": logits, "unimodal_present/a": present}
-  scores, counts = imbalance.modality_scores(outputs, jnp.asarray(labels),
+  scores, counts = ogm_ge.modality_scores(outputs, jnp.asarray(labels),
                                              ("a",))
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   expected = probs[np.arange(4), labels][present].sum()
@@ -107,12 +110,12 @@ OGM_OPTIONS = {"alpha": 0.5, "start_step": 0, "end_step": -1, "noise": False,
 
 def test_ogm_scales_only_the_dominant_encoder_by_exactly_k():
   batch = make_batch()
-  _, _, _, grads = model_and_grads("probe", batch)
+  _, _, _, grads, _ = model_and_grads("probe", batch)
   outputs = dominant_image_outputs(batch["label"], 8)
-  ogm_ge = jax.jit(lambda grads, step, **options: imbalance.ogm_ge(
+  modulate = jax.jit(lambda grads, step, **options: ogm_ge.ogm_ge(
       grads, outputs, jnp.asarray(batch["label"]), step, jax.random.key(0),
       ("audio", "image"), **options), static_argnames=tuple(OGM_OPTIONS))
-  new, metrics = ogm_ge(grads, jnp.int32(3), **OGM_OPTIONS)
+  new, metrics = modulate(grads, jnp.int32(3), **OGM_OPTIONS)
   p_image = math.e / (math.e + 9)
   k = 1 - math.tanh(0.5 * p_image / 0.1)
   np.testing.assert_allclose(metrics["ogm/k/image"], k, rtol=1e-5)
@@ -125,7 +128,7 @@ def test_ogm_scales_only_the_dominant_encoder_by_exactly_k():
   assert any(float(jnp.abs(g).max()) > 0
              for g in jax.tree.leaves(grads["encoder_image"]))
   # Outside the window nothing changes and k is logged as 1.
-  late, metrics = ogm_ge(grads, jnp.int32(3),
+  late, metrics = modulate(grads, jnp.int32(3),
                          **dict(OGM_OPTIONS, start_step=4, noise=True))
   jax.tree.map(np.testing.assert_array_equal, grads, late)
   assert float(metrics["ogm/k/image"]) == 1.0
@@ -134,7 +137,7 @@ def test_ogm_scales_only_the_dominant_encoder_by_exactly_k():
 def test_ogm_conv_only_modulates_only_4d_kernels():
   grads = {"encoder_image": {"conv": {"kernel": jnp.ones((3, 3, 1, 2))},
                              "bn": {"scale": jnp.ones(2)}}}
-  new = imbalance.modulate_encoder_grads(grads, {"image": 0.5},
+  new = ogm_ge.modulate_encoder_grads(grads, {"image": 0.5},
                                          jax.random.key(0), 0.0,
                                          conv_only=True)
   np.testing.assert_array_equal(new["encoder_image"]["conv"]["kernel"], 0.5)
@@ -144,12 +147,12 @@ def test_ogm_conv_only_modulates_only_4d_kernels():
 def test_ge_noise_has_the_gradients_std():
   g = jax.random.normal(jax.random.key(1), (200, 500)) * 3.0 + 1.0
   expected = float(np.std(np.asarray(g), ddof=1)) + 1e-8
-  np.testing.assert_allclose(imbalance.gradient_noise_std(g), expected,
+  np.testing.assert_allclose(ogm_ge.gradient_noise_std(g), expected,
                              rtol=1e-5)
-  np.testing.assert_allclose(imbalance.gradient_noise_std(jnp.ones(1)), 1e-8)
+  np.testing.assert_allclose(ogm_ge.gradient_noise_std(jnp.ones(1)), 1e-8)
   grads = {"encoder_audio": {"w": g}, "encoder_image": {"w": g},
            "head": {"w": g}}
-  new = imbalance.modulate_encoder_grads(
+  new = ogm_ge.modulate_encoder_grads(
       grads, {"audio": 1.0, "image": 0.25}, jax.random.key(2), 1.0)
   for m, k in (("audio", 1.0), ("image", 0.25)):
     noise = np.asarray(new[f"encoder_{m}"]["w"] - k * g)
@@ -168,7 +171,7 @@ def test_gblend_weights_from_hand_made_losses():
   # Heads (fused, audio, image). dG = (1.0, 0.2, 0.6); dO = (0.2, 0.1, 0.4);
   # dG / dO^2 = (25, 20, 3.75), sum 48.75.
   before = np.array([2.0, 2.2, 2.1])
-  weights, delta_g, delta_o = imbalance.blend_weights(
+  weights, delta_g, delta_o = gblend.blend_weights(
       before, before, [1.0, 2.0, 1.5], [0.8, 1.9, 1.1], 0.01)
   np.testing.assert_allclose(delta_g, [1.0, 0.2, 0.6], atol=1e-12)
   np.testing.assert_allclose(delta_o, [0.2, 0.1, 0.4], atol=1e-12)
@@ -176,12 +179,12 @@ def test_gblend_weights_from_hand_made_losses():
                              rtol=1e-9)
   # Held-out loss rose for audio (dG < 0): weight 0. The image gap shrank
   # (dO = -0.1 < 0.01): dO is floored, 0.6 / 0.01^2 = 6000.
-  weights, _, _ = imbalance.blend_weights(
+  weights, _, _ = gblend.blend_weights(
       before, before, [1.0, 2.3, 1.5], [0.8, 2.0, 1.6], 0.01)
   np.testing.assert_allclose(weights, np.array([25, 0, 6000]) / 6025,
                              rtol=1e-9)
   # No head generalised: keep the previous weights.
-  weights, _, _ = imbalance.blend_weights(before, before, before + 0.1,
+  weights, _, _ = gblend.blend_weights(before, before, before + 0.1,
                                           before, 0.01)
   assert weights is None
 
@@ -192,7 +195,7 @@ def test_gblend_weights_from_hand_made_losses():
 def test_probe_heads_leave_encoder_gradients_unchanged_aux_heads_do_not():
   batch = make_batch()
   for heads in ("probe", "aux"):
-    model, variables, _, grads = model_and_grads(heads, batch)
+    model, variables, _, grads, _ = model_and_grads(heads, batch)
 
     def fused_loss(params):
       out = model.apply({**variables, "params": params}, batch, train=False)
@@ -210,10 +213,9 @@ def test_probe_heads_leave_encoder_gradients_unchanged_aux_heads_do_not():
 
 def test_heads_do_not_change_the_fused_model():
   batch = make_batch()
-  plain = MultimodalClassifier(modalities=("image", "audio"), encoders=SMALL,
-                               fusion="concat", num_classes=10)
+  plain = experiment.build_model(make_config())
   base = plain.init(jax.random.key(0), batch, train=False)
-  _, variables, outputs, _ = model_and_grads("probe", batch)
+  _, variables, outputs, _, _ = model_and_grads("probe", batch)
   params = {k: v for k, v in variables["params"].items()
             if not k.startswith("unimodal_head_")}
   jax.tree.map(np.testing.assert_array_equal, base["params"], params)
@@ -221,20 +223,18 @@ def test_heads_do_not_change_the_fused_model():
                              outputs["logits"], atol=1e-6)
 
 
-def test_decomposed_heads_sum_to_the_linear_concat_head():
+def test_decomposed_logits_sum_to_the_linear_concat_head():
   batch = dict(make_batch(), **{"mask/audio": np.arange(8) % 2 == 0})
-  _, variables, outputs, grads = model_and_grads(
-      "decomposed", batch, weights={"image": 0, "audio": 0})
+  _, variables, logits, _, sown = model_and_grads("none", batch,
+                                                  head_hidden=())
   assert set(variables["params"]) == {"encoder_image", "encoder_audio", "head"}
-  np.testing.assert_allclose(outputs["unimodal_logits/image"] +
-                             outputs["unimodal_logits/audio"],
-                             outputs["logits"], atol=1e-5)
+  head = variables["params"]["head"]["dense_0"]
+  parts = ogm_ge.decomposed_logits(sown, head, ("audio", "image"))
+  np.testing.assert_allclose(parts["image"] + parts["audio"], logits,
+                             atol=1e-5)
   # A missing modality contributes b / 2 only.
-  bias = variables["params"]["head"]["dense_0"]["bias"]
-  np.testing.assert_allclose(outputs["unimodal_logits/audio"][1], bias / 2,
-                             atol=1e-6)
-  np.testing.assert_array_equal(outputs["unimodal_present/audio"],
-                                batch["mask/audio"])
+  np.testing.assert_allclose(parts["audio"][1], head["bias"] / 2, atol=1e-6)
+  np.testing.assert_array_equal(sown["present/audio"][0], batch["mask/audio"])
 
 
 def test_evaluators_report_unimodal_accuracy_over_present_examples():
@@ -268,11 +268,11 @@ def test_evaluators_report_unimodal_accuracy_over_present_examples():
 
 @pytest.mark.parametrize("args, overrides, message", [
     ("imbalance=ogm_ge", {"model.unimodal_heads": "none"},
-     "ogm_ge needs unimodal heads"),
+     "ogm_ge scores each modality with unimodal heads"),
     ("imbalance=gblend", {"model.unimodal_heads": "probe"},
      "gblend needs model.unimodal_heads 'aux'"),
     ("probe", {"model.unimodal_heads": "decomposed"},
-     "'decomposed' needs model.fusion 'concat' and model.head_hidden ()"),
+     "unknown model.unimodal_heads 'decomposed'"),
     ("probe,fusion=early", {}, "fusion 'early' has none"),
     ("imbalance=ogm_ge,fusion=image_only", {}, "needs two or more modalities"),
     ("", {"imbalance.method": "mixup"}, "unknown imbalance.method 'mixup'"),
@@ -305,43 +305,57 @@ def test_ogm_window_follows_a_total_steps_override_unless_set():
     "configs/coco_mini.py"])
 def test_default_configs_train_as_before(spec):
   config = configs.load_config(spec)
-  train.check_config(config)
-  balance = imbalance.Balance.from_config(config)
-  assert (balance.method, balance.heads) == ("none", "none")
-  assert balance.init_state() == {}
-  assert balance.loss_weights({}) is None
+  experiment.check_config(config)
+  method = methods.build(config, None)
+  assert type(method) is methods.Method  # pylint: disable=unidiomatic-typecheck
+  assert method.init_state() == {}
+  assert method.loss_weights({}) is None
   if config.objective == "supervised":
-    assert train.build_model(config).unimodal_heads == "none"
+    assert experiment.build_model(config).unimodal_heads == "none"
 
 
 # ----------------------------------------------------------- train steps ---
 
 
+class FakeRun:
+  """What a method may read of a run (`mmjax.methods`), over a list source."""
+
+  def __init__(self, config, mesh, source):
+    self.config, self.mesh, self.train_source = config, mesh, source
+
+  def data_source(self, split):
+    del split
+    return self.train_source
+
+  def eval_batches(self, source):
+    return experiment.Experiment.eval_batches(self, source)
+
+
 def run_steps(config, steps=3, gblend_source=None):
-  """A few jitted train steps on one batch: (losses, metrics, state)."""
+  """A few jitted train steps on one batch: (losses, metrics, state, rows)."""
   mesh = parallel.make_mesh(1)
-  model = train.build_model(config)
-  tx, _ = train.build_optimizer(config)
+  model = experiment.build_model(config)
+  tx, _ = experiment.build_optimizer(config)
   batch = make_batch(16)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  state, shardings = train.create_train_state(config, model, tx, spec, mesh)
-  balance = imbalance.Balance.from_config(config)
+  method = methods.build(config, None if gblend_source is None else
+                         FakeRun(config, mesh, gblend_source))
+  state, shardings = experiment.create_train_state(config, model, tx, spec,
+                                                   mesh, method)
   step = jax.jit(train.make_train_step(
-      model, tx, objectives.make_objective(config.objective, mesh), balance),
+      model, tx, objectives.make_objective(config.objective, mesh), method),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(shardings, None))
-  monitor = None
+  predict = experiment.make_predict_fn(model)
   if gblend_source is not None:
-    monitor = imbalance.GBlendMonitor(config, mesh, balance, gblend_source,
-                                      gblend_source)
-    state, _ = monitor.update(state, train.make_predict_fn(model))
+    state, _ = method.after_step(0, state, predict)
   losses, rows = [], []
-  for _ in range(steps):
+  for i in range(steps):
     state, metrics = step(state, parallel.put_batch(
         batch, parallel.batch_sharding(mesh)))
     losses.append(float(metrics["loss"]))
-    if monitor:
-      state, row = monitor.update(state, train.make_predict_fn(model))
+    if gblend_source is not None:
+      state, row = method.after_step(i + 1, state, predict)
       rows.append(row)
   return losses, jax.device_get(metrics), state, rows
 
@@ -352,24 +366,26 @@ def test_ogm_ge_train_steps_are_finite():
     assert np.all(np.isfinite(losses)), args
     assert losses[-1] < losses[0], args
     for m in ("image", "audio"):
-      assert np.isfinite(metrics[f"unimodal/{m}/accuracy"])
-      if "ogm_ge" in args:
-        assert 0 < metrics[f"ogm/k/{m}"] <= 1
-    assert state.imbalance == {}
+      if "linear_head" not in args:  # probe heads; else the split fused head
+        assert np.isfinite(metrics[f"unimodal/{m}/accuracy"])
+      assert 0 < metrics[f"ogm/k/{m}"] <= 1
+      assert np.isfinite(metrics[f"ogm/score/{m}"])
+    assert state.method_state == {}
 
 
 def test_gblend_train_steps_update_the_weights_in_the_state():
   config = make_config("imbalance=gblend", eval_batch_size=8,
-                       **{"imbalance.gblend.num_examples": 12})
+                       **{"imbalance.gblend.num_examples": 12,
+                          "imbalance.gblend.every": 1})
   rng = np.random.default_rng(3)
   source = [{"image": rng.integers(0, 255, (28, 28, 1), dtype=np.uint8),
              "audio": rng.integers(0, 255, (28, 28, 1), dtype=np.uint8),
              "label": np.int64(i % 10)} for i in range(20)]
   losses, metrics, state, rows = run_steps(config, gblend_source=source)
   assert np.all(np.isfinite(losses))
-  weights = np.asarray(state.imbalance["weights"])
+  weights = np.asarray(state.method_state["weights"])
   np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)
-  assert int(state.imbalance["measured_at"]) == 3
+  assert int(state.method_state["measured_at"]) == 3
   # The last step read the weights of the measurement before it.
   assert metrics["gblend/weight/fused"] == pytest.approx(
       rows[-2]["gblend/weight/fused"])
@@ -380,14 +396,13 @@ def test_gblend_train_steps_update_the_weights_in_the_state():
 def test_gblend_loss_is_the_weighted_sum_of_the_heads():
   batch = make_batch()
   weights = {"fused": 0.5, "audio": 0.2, "image": 0.3}
-  _, _, outputs, _ = model_and_grads("aux", batch)
+  _, _, outputs, _, _ = model_and_grads("aux", batch)
   loss, metrics = objectives.supervised(outputs, batch, weights)
   expected = (0.5 * metrics["fused_loss"] + 0.2 *
               metrics["unimodal/audio/loss"] + 0.3 *
               metrics["unimodal/image/loss"])
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
-  balance = imbalance.Balance("gblend", "aux", ("audio", "image"),
-                              imbalance.OPTIONS["gblend"])
-  state = balance.init_state()
+  method = methods.build(make_config("imbalance=gblend"), None)
+  state = method.init_state()
   np.testing.assert_allclose(state["weights"], [1 / 3] * 3)
-  assert set(balance.loss_weights(state)) == {"fused", "audio", "image"}
+  assert set(method.loss_weights(state)) == {"fused", "audio", "image"}

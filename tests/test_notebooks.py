@@ -10,6 +10,7 @@ steps. The committed `.ipynb` files must hold the same cells as their `.py`.
 import os
 import pathlib
 import subprocess
+import sys
 from unittest import mock
 
 import jupytext
@@ -29,9 +30,10 @@ def tfds_dir(avmnist_data_dir):
 
 
 def environment(tfds_dir, **extra) -> dict:
-  """Single-device CPU JAX reading the test's built datasets."""
+  """Single-device CPU JAX reading the test's built datasets; sweep.sh runs
+  this test's interpreter (`PYTHON`), not whatever python is first on PATH."""
   return {**os.environ, "TFDS_DATA_DIR": str(tfds_dir), "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": "", **extra}
+          "XLA_FLAGS": "", "PYTHON": sys.executable, **extra}
 
 
 def execute(notebook: pathlib.Path, env: dict):

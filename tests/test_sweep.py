@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mmjax import configs, sweep
+from mmjax import results, sweep
 from mmjax.errors import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,8 +29,8 @@ def data_dir(avmnist_data_dir):
   return avmnist_data_dir
 
 
-def run_sweep(workdir, grid, *extra, config=CONFIG, **kwargs):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+def run_sweep(workdir, grid, *extra, config=CONFIG, env=None, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
   return subprocess.run(
       [sys.executable, "-m", "mmjax.sweep", "--config", config, "--workdir",
        str(workdir), "--grid", grid, *extra], cwd=REPO, capture_output=True,
@@ -175,7 +175,7 @@ def test_directory_of_another_config_is_refused(tmp_path, capsys):
           "--grid", "fusion=late"]
   s = sweep.parse_command_line(argv)
   (point,) = sweep.plan(s)
-  saved = configs.to_dict(point.config)
+  saved = json.loads(json.dumps(point.config.to_dict()))
   saved["data_dir"] = "/elsewhere"  # ignored: where data lives
   (tmp_path / point.name).mkdir()
   (tmp_path / point.name / "config.json").write_text(json.dumps(saved))
@@ -184,8 +184,8 @@ def test_directory_of_another_config_is_refused(tmp_path, capsys):
   (tmp_path / point.name / "config.json").write_text(json.dumps(saved))
   assert sweep.main(argv) == 2
   err = capsys.readouterr().err
-  assert "holds a run of another config (optimizer.learning_rate: 0.5 -> " \
-         "0.001)" in err
+  assert "holds a run with another config: optimizer.learning_rate: 0.5 -> " \
+         "0.001" in err
   assert not (tmp_path / "results.json").exists()
 
 
@@ -226,8 +226,8 @@ def test_results_rows_and_columns(tmp_path):
            attempts=[attempt("interrupted", 2.0), attempt("ok", 3.0)])
   fake_run(tmp_path / points[1].name, 15, finished=False,
            attempts=[attempt("failed", 4.0, "error: boom")])
-  assert sweep.is_finished(tmp_path / points[0].name, 15)
-  assert not sweep.is_finished(tmp_path / points[0].name, 20)
+  assert results.is_finished(tmp_path / points[0].name, 15)
+  assert not results.is_finished(tmp_path / points[0].name, 20)
   rows = sweep.write_results(s, points)
   assert rows[0] == {
       "config.total_steps": 15, "seed": 0, "name": "total_steps=15,seed=0",
@@ -240,7 +240,7 @@ def test_results_rows_and_columns(tmp_path):
   assert rows[1]["steps"] == 10 and rows[1]["examples_per_sec"] == 30.0
   assert rows[2]["status"] == "pending" and rows[2]["steps"] is None
   assert rows[2]["wall_time_s"] is None
-  assert sweep.load_results(tmp_path) == rows
+  assert results.load_results(tmp_path) == rows
   with (tmp_path / "results.csv").open() as f:
     table = list(csv.DictReader(f))
   assert list(table[0]) == [
@@ -256,12 +256,12 @@ def test_metric_picks_an_eval_value():
   row = {"name": "p", "eval/a_val/classification/accuracy": 0.5,
          "eval/a_test/classification/accuracy": 0.75,
          "eval/a_test/missing_modality/without_audio/accuracy": 0.25}
-  assert sweep.metric(row, "missing_modality/without_audio/accuracy") == 0.25
-  assert sweep.metric(row, "classification/accuracy", "a_test") == 0.75
+  assert results.metric(row, "missing_modality/without_audio/accuracy") == 0.25
+  assert results.metric(row, "classification/accuracy", "a_test") == 0.75
   with pytest.raises(KeyError, match="ambiguous"):
-    sweep.metric(row, "classification/accuracy")
+    results.metric(row, "classification/accuracy")
   with pytest.raises(KeyError, match="absent"):
-    sweep.metric(row, "classification/loss")
+    results.metric(row, "classification/loss")
 
 
 def test_error_line():
@@ -283,7 +283,7 @@ def test_sweep_with_a_diverging_point_then_rerun_skips_the_finished_one(
   result = run_sweep(tmp_path, grid, *args)
   assert result.returncode == 1, result.stdout + result.stderr
   good, bad = "optimizer.learning_rate=1e-3", "optimizer.learning_rate=1e30"
-  rows = {r["name"]: r for r in sweep.load_results(tmp_path)}
+  rows = {r["name"]: r for r in results.load_results(tmp_path)}
   assert list(rows) == [good, bad]
   ok = rows[good]
   assert ok["status"] == "ok" and ok["error"] == ""
@@ -307,7 +307,7 @@ def test_sweep_with_a_diverging_point_then_rerun_skips_the_finished_one(
   assert result.returncode == 1, result.stdout + result.stderr
   assert f"{good}: finished, skipped" in result.stdout
   assert (tmp_path / f"{good}.log").read_text() == good_log  # not relaunched
-  rows = {r["name"]: r for r in sweep.load_results(tmp_path)}
+  rows = {r["name"]: r for r in results.load_results(tmp_path)}
   assert rows[good] == ok
   assert rows[bad]["status"] == "failed" and rows[bad]["attempts"] == 2
   assert rows[bad]["wall_time_s"] > failed["wall_time_s"]
@@ -334,7 +334,7 @@ def test_ctrl_c_keeps_checkpoints_and_rerun_resumes(tmp_path, data_dir):
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 130, output
   assert "interrupted; stopping 1 run(s)" in output
-  (row,) = sweep.load_results(tmp_path)
+  (row,) = results.load_results(tmp_path)
   assert row["status"] == "pending" and 20 <= row["steps"] < 150, row
   assert row["attempts"] == 1 and row["wall_time_s"] > 0
   log = (tmp_path / "seed=0.log").read_text()
@@ -343,7 +343,23 @@ def test_ctrl_c_keeps_checkpoints_and_rerun_resumes(tmp_path, data_dir):
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
-  (row,) = sweep.load_results(tmp_path)
+  (row,) = results.load_results(tmp_path)
   assert row["status"] == "ok" and row["steps"] == 150
   assert row["attempts"] == 2
   assert "resumed from step" in (tmp_path / "seed=0.log").read_text()
+
+
+def test_a_fusion_defined_outside_mmjax_trains_by_import_string(tmp_path,
+                                                               data_dir):
+  """`tests/custom_fusion.py` is no part of mmjax: named by import string in
+  `--config.model.fusion`, it trains through the sweep's subprocesses."""
+  result = run_sweep(
+      tmp_path, "seed=0", f"--config.data_dir={data_dir}", *TINY,
+      "--config.model.fusion=custom_fusion:GatedSum",
+      config="configs/avmnist.py:smoke", env={"PYTHONPATH": str(REPO / "tests")})
+  assert result.returncode == 0, result.stdout + result.stderr
+  (row,) = results.load_results(tmp_path)
+  assert row["status"] == "ok"
+  assert 0 <= results.metric(row, "classification/accuracy") <= 1
+  saved = json.loads((tmp_path / row["name"] / "config.json").read_text())
+  assert saved["model"]["fusion"] == "custom_fusion:GatedSum"

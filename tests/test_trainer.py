@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import configs, objectives, parallel, train
+from mmjax import configs, experiment, objectives, parallel, train
 from mmjax.errors import UsageError
 
 CONFIG = "configs/avmnist.py"
@@ -35,11 +35,11 @@ def batches(n, b=16, seed=0):
 
 def run_steps(config, num_devices, steps=3):
   mesh = parallel.make_mesh(num_devices)
-  model = train.build_model(config)
-  tx, _ = train.build_optimizer(config)
+  model = experiment.build_model(config)
+  tx, _ = experiment.build_optimizer(config)
   data = list(batches(1)) * steps  # one batch, so the loss must fall
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
-  state, shardings = train.create_train_state(config, model, tx, spec, mesh)
+  state, shardings = experiment.create_train_state(config, model, tx, spec, mesh)
   objective = objectives.make_objective(config.objective, mesh)
   step = jax.jit(train.make_train_step(model, tx, objective),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)),
@@ -88,11 +88,11 @@ def test_frozen_parameters_never_change():
     config.model.encoders = SMALL
   config.frozen = "tower_audio/encoder/.*"
   mesh = parallel.make_mesh(1)
-  model = train.build_model(config)
+  model = experiment.build_model(config)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
           for k, v in next(batches(1)).items()}
-  initial = jax.device_get(train.create_train_state(
-      config, model, train.build_optimizer(config)[0], spec, mesh)[0].params)
+  initial = jax.device_get(experiment.create_train_state(
+      config, model, experiment.build_optimizer(config)[0], spec, mesh)[0].params)
   _, params = run_steps(config, 1)
   frozen = initial["tower_audio"]["encoder"]
   jax.tree.map(np.testing.assert_array_equal, frozen,
@@ -104,11 +104,11 @@ def test_frozen_parameters_never_change():
 def test_fsdp_shards_large_parameters():
   config = small_config(sharding="fsdp")
   mesh = parallel.make_mesh(8)
-  model = train.build_model(config)
-  tx, _ = train.build_optimizer(config)
+  model = experiment.build_model(config)
+  tx, _ = experiment.build_optimizer(config)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
           for k, v in next(batches(1)).items()}
-  abstract = jax.eval_shape(lambda: train.create_train_state(
+  abstract = jax.eval_shape(lambda: experiment.create_train_state(
       config, model, tx, spec, mesh)[0])
   shardings = parallel.state_shardings(abstract, mesh, "fsdp", min_fsdp_size=64)
   specs = [s.spec for s in jax.tree.leaves(shardings)]
@@ -135,7 +135,7 @@ def test_parse_arg_and_overrides():
 ])
 def test_bad_config_is_a_one_line_usage_error(overrides, message):
   with pytest.raises(UsageError, match=message.replace("(", r"\(")) as e:
-    train.check_config(configs.apply_overrides(
+    experiment.check_config(configs.apply_overrides(
         configs.load_config(CONFIG), overrides))
   assert "\n" not in str(e.value)
 

@@ -40,7 +40,7 @@ import pathlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mmjax.sweep import load_results, metric
+from mmjax.results import load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))

@@ -7,5 +7,5 @@ FUSIONS=$FUSIONS,cross_attention,coattention,mult,perceiver,bottleneck
 GRID="seed=0,1,2 fusion=$FUSIONS"  # seed slowest: an interrupted sweep has whole seeds
 STEPS=60
 [[ $SMOKE == 1 ]] && GRID="seed=0 fusion=late" STEPS=3
-python -m mmjax.sweep --config configs/avmnist.py:grid,steps=$STEPS --grid "$GRID" \
+"${PYTHON:-python3}" -m mmjax.sweep --config configs/avmnist.py:grid,steps=$STEPS --grid "$GRID" \
   --workdir "$WORKDIR" "--config.eval_splits=('test',)" "${SMOKE_ARGS[@]}"

@@ -6,7 +6,7 @@ source "$(dirname "$0")/../sweep_common.sh"
 GRID="objective=softmax,sigmoid batch=32,64,128,256"
 EXAMPLES=12800
 [[ $SMOKE == 1 ]] && GRID="objective=sigmoid batch=8" EXAMPLES=24
-python -m mmjax.sweep --config configs/av_contrastive.py:examples=$EXAMPLES \
+"${PYTHON:-python3}" -m mmjax.sweep --config configs/av_contrastive.py:examples=$EXAMPLES \
   --grid "$GRID" --workdir "$WORKDIR" \
   "--config.evaluators={'zero_shot': {'modality': 'audio', 'prototypes_from': 'image'}}" \
   "${SMOKE_ARGS[@]}"

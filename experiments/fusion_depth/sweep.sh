@@ -5,7 +5,7 @@ source "$(dirname "$0")/../sweep_common.sh"
 GRID="fusion_layer=0,1,2,3,4"
 STEPS=60
 [[ $SMOKE == 1 ]] && GRID="fusion_layer=2" STEPS=3
-python -m mmjax.sweep \
+"${PYTHON:-python3}" -m mmjax.sweep \
   --config configs/avmnist.py:clean,grid,fusion=bottleneck,steps=$STEPS \
   --grid "$GRID" --workdir "$WORKDIR" "--config.eval_splits=('test',)" \
   "${SMOKE_ARGS[@]}"

@@ -46,7 +46,7 @@ import pathlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mmjax.sweep import cell, load_results, metric
+from mmjax.results import cell, load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))

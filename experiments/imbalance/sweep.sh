@@ -6,6 +6,6 @@ source "$(dirname "$0")/../sweep_common.sh"
 GRID="imbalance=none,ogm_ge,gblend"
 STEPS=150
 [[ $SMOKE == 1 ]] && GRID="imbalance=ogm_ge,gblend" STEPS=3
-python -m mmjax.sweep --config configs/avmnist.py:fusion=concat,probe,steps=$STEPS \
+"${PYTHON:-python3}" -m mmjax.sweep --config configs/avmnist.py:fusion=concat,probe,steps=$STEPS \
   --grid "$GRID" --workdir "$WORKDIR" "--config.eval_splits=('test',)" \
   "${SMOKE_ARGS[@]}"

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 from mmjax.evaluators.robustness import (curve_from_results,
                                          effective_robustness,
                                          relative_robustness)
-from mmjax.sweep import load_results, metric
+from mmjax.results import load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))

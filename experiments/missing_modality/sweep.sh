@@ -12,6 +12,6 @@ EVALUATORS="{'classification': {},
       'image': {'gaussian_noise': (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
                 'occlusion': (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)},
       'audio': {'awgn': (0.0, 1.0, 2.0, 4.0, 8.0)}}}}"
-python -m mmjax.sweep --config configs/avmnist.py:clean,grid,steps=$STEPS \
+"${PYTHON:-python3}" -m mmjax.sweep --config configs/avmnist.py:clean,grid,steps=$STEPS \
   --grid "$GRID" --workdir "$WORKDIR" "--config.eval_splits=('test[:2000]',)" \
   "--config.evaluators=$EVALUATORS" "${SMOKE_ARGS[@]}"

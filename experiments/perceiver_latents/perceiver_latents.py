@@ -31,7 +31,7 @@ import pathlib
 
 import matplotlib.pyplot as plt
 
-from mmjax.sweep import cell, load_results, metric
+from mmjax.results import cell, load_results, metric
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))

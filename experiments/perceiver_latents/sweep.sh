@@ -5,7 +5,7 @@ source "$(dirname "$0")/../sweep_common.sh"
 GRID="latents=1,4,16,64"
 STEPS=60
 [[ $SMOKE == 1 ]] && GRID="latents=4" STEPS=3
-python -m mmjax.sweep \
+"${PYTHON:-python3}" -m mmjax.sweep \
   --config configs/avmnist.py:grid,fusion=perceiver,steps=$STEPS \
   --grid "$GRID" --workdir "$WORKDIR" "--config.eval_splits=('test',)" \
   "--config.evaluators={'classification': {}}" "${SMOKE_ARGS[@]}"

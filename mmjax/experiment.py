@@ -1,0 +1,312 @@
+"""Builds a run from its config: what `train`, `evaluate`, `sweep` and
+notebooks share.
+
+  run = experiment.build(config)              # for training
+  run = experiment.build(config, training=False)  # for evaluating a checkpoint
+  run.state, run.shardings, run.model, run.tx, run.predict, run.method, ...
+  metrics = run.evaluate(state)   # {"eval/<dataset>/<evaluator>/<m>": v}
+
+`build` starts the input pipeline first (the sources tell the batch's
+shapes), then makes the model (`mmjax.models.factory`), the optimizer, the
+training method (`mmjax.methods`) and the train state: shape-first, with
+`jax.eval_shape`, so every array is written straight into its sharding.
+Evaluators are built once per run (`mmjax.evaluators.build`).
+"""
+
+import dataclasses
+import re
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmjax import (configs, evaluators, methods, objectives, parallel,
+                   registry, results)
+from mmjax.data import builders, pipeline
+from mmjax.errors import UsageError
+from mmjax.models import pretrained
+from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
+from mmjax.models.encoders import ENCODERS, FRONTENDS
+from mmjax.models.fusion import FUSIONS
+from mmjax.models.multimodal import MISSING, UNIMODAL_HEADS
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; saved whole in every checkpoint."""
+  step: jnp.ndarray  # int32 scalar: steps completed
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+  rng: jnp.ndarray  # uint32[2], the run's base key; step keys fold in `step`
+  nonfinite_step: jnp.ndarray  # int32: first step with a non-finite loss, or -1
+  # The training method's state (`mmjax.methods`); {} for most runs.
+  method_state: dict = flax.struct.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- config ---
+
+
+def check_config(config):
+  """Fails at config time on any unknown name or bad value, one line each."""
+  if not config.dataset.startswith("tfds:"):  # else tfds's own registry
+    configs.check_choice("dataset", config.dataset.split("/")[0],
+                         builders.BUILDERS)
+  configs.check_choice("objective", config.objective, objectives.OBJECTIVES)
+  configs.check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+  configs.check_choice("optimizer.schedule", config.optimizer.schedule,
+                       SCHEDULES)
+  configs.check_choice("sharding", config.sharding, parallel.STRATEGIES)
+  for modality in config.modalities:
+    if modality not in config.model.encoders:
+      raise UsageError(f"config key 'model.encoders' has no encoder for "
+                       f"modality '{modality}'")
+  for modality, spec in config.model.encoders.items():
+    registry.check(f"model.encoders.{modality}.name", spec["name"], ENCODERS)
+    if spec.get("frontend"):
+      registry.check(f"model.encoders.{modality}.frontend.name",
+                     spec["frontend"]["name"], FRONTENDS)
+  for name in config.evaluators:
+    registry.check("evaluators", name, evaluators.EVALUATORS)
+  if config.objective == "supervised":
+    check_classifier(config.model)
+  elif config.model.get("unimodal_heads", "none") != "none":
+    raise UsageError("config key 'model.unimodal_heads' needs objective "
+                     "'supervised'")
+  methods.check_config(config)
+  for key in ("batch_size", "total_steps", "log_every", "eval_every",
+              "checkpoint_every", "eval_batch_size"):
+    if config[key] <= 0:
+      raise UsageError(f"config key '{key}' must be positive, "
+                       f"got {config[key]}")
+  if not 0 <= config.optimizer.warmup_steps < config.total_steps:
+    raise UsageError(f"config key 'optimizer.warmup_steps' "
+                     f"({config.optimizer.warmup_steps}) must be below "
+                     f"total_steps ({config.total_steps})")
+
+
+def check_classifier(model_config):
+  """The classifier's keys: fusion, missing, modality dropout, heads."""
+  fusion = registry.lookup("model.fusion", model_config.fusion, FUSIONS)
+  configs.check_choice("model.missing", model_config.missing, MISSING)
+  for modality, rate in model_config.modality_dropout.items():
+    if not 0 <= rate < 1:
+      raise UsageError(f"config key 'model.modality_dropout.{modality}' "
+                       f"must be in [0, 1), got {rate}")
+  heads = model_config.get("unimodal_heads", "none")
+  configs.check_choice("model.unimodal_heads", heads, UNIMODAL_HEADS)
+  if heads != "none" and getattr(fusion, "takes_inputs", False):
+    raise UsageError(f"config key 'model.unimodal_heads' needs per-modality "
+                     f"encoders; fusion '{model_config.fusion}' has none")
+
+
+# ------------------------------------------------------ model & optimizer ---
+
+
+SCHEDULES = {
+    "cosine": lambda lr, warmup, total: optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, total, end_value=0.0),
+    "constant": lambda lr, warmup, total: optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+        [warmup]),
+}
+
+OPTIMIZERS = {
+    "adamw": lambda schedule, c: optax.adamw(schedule,
+                                             weight_decay=c.weight_decay),
+    "sgd": lambda schedule, c: optax.chain(
+        optax.add_decayed_weights(c.weight_decay),
+        optax.sgd(schedule, momentum=c.momentum or None)),
+}
+
+
+def build_optimizer(config):
+  """(optax transformation, learning-rate schedule) from `config.optimizer`."""
+  c = config.optimizer
+  schedule = SCHEDULES[c.schedule](c.learning_rate, c.warmup_steps,
+                                   config.total_steps)
+  tx = OPTIMIZERS[c.name](schedule, c)
+  if c.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+  if config.get("frozen"):
+    # LiT (Zhai et al., "LiT: Zero-Shot Transfer with Locked-image text
+    # Tuning", CVPR 2022): parameters whose path matches are never updated.
+    pattern = re.compile(config.frozen)
+    labels = lambda params: flax.traverse_util.path_aware_map(
+        lambda path, _: "frozen" if pattern.fullmatch("/".join(path))
+        else "trained", params)
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               labels)
+  return tx, schedule
+
+
+def example_batch_spec(source, config, batch_size: int) -> dict:
+  """ShapeDtypeStructs of one training batch, read off the first example."""
+  ds = pipeline.train_transforms(
+      grain.MapDataset.source(source)[:1].seed(config.seed), config)
+  return {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v),
+                                  np.asarray(v).dtype)
+          for k, v in ds[0].items()}
+
+
+def load_pretrained(state: TrainState, inits) -> TrainState:
+  """Overwrites parameter subtrees with pretrained weights, keeping shardings.
+
+  `inits` maps a parameter path ("tower_text/encoder") to a pretrained
+  checkpoint name: "minilm" is sentence-transformers all-MiniLM-L6-v2
+  (`mmjax.models.pretrained`).
+  """
+  loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
+  params = jax.tree.map(lambda x: x, state.params)  # fresh containers
+  for path, name in inits.items():
+    configs.check_choice(f"model.init.{path}", name, loaders)
+    *parents, leaf = path.split("/")
+    node = params
+    for key in parents:
+      node = node[key]
+    old, new = node[leaf], loaders[name]()
+    if jax.tree.structure(old) != jax.tree.structure(new) or any(
+        o.shape != np.shape(n) for o, n in zip(jax.tree.leaves(old),
+                                               jax.tree.leaves(new))):
+      raise UsageError(f"config key 'model.init': '{name}' does not fit the "
+                       f"parameters at '{path}'")
+    node[leaf] = jax.tree.map(
+        lambda o, n: jax.device_put(np.asarray(n, o.dtype), o.sharding),
+        old, new)
+  return state.replace(params=params)
+
+
+def create_train_state(config, model, tx, batch_spec, mesh,
+                       method: methods.Method | None = None):
+  """Shape-first initialisation: (state, state shardings).
+
+  The state's shapes come from `jax.eval_shape`, its shardings from them, and
+  the jitted initialiser writes each array straight into its sharding.
+  """
+  method = method or methods.Method()
+
+  def init(rng):
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+    variables = model.init({"params": rng, "dropout": rng}, batch, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=rng,
+                      nonfinite_step=jnp.full((), -1, jnp.int32),
+                      method_state=method.init_state())
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  shardings = parallel.state_shardings(abstract, mesh, config.sharding)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def make_predict_fn(model):
+  """(state, batch) -> the model's outputs as a dict: {"logits", and for late
+  fusion "modality_logits", "modality_present"}, or the contrastive model's
+  {"embedding/<m>", ...}."""
+  def predict(state: TrainState, batch: dict) -> dict:
+    outputs, extra = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch,
+        train=False, mutable=["intermediates"])
+    out = dict(outputs) if isinstance(outputs, dict) else {"logits": outputs}
+    sown = extra.get("intermediates", {}).get("fusion", {})
+    for key in ("modality_logits", "modality_present"):
+      if key in sown:
+        out[key] = sown[key][0]
+    return out
+  return jax.jit(predict)
+
+
+# -------------------------------------------------------------------- run ---
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A run's parts, built from its config (`build`)."""
+  config: object
+  mesh: jax.sharding.Mesh
+  train_source: object
+  eval_sources: dict  # split -> random-access source
+  model: object
+  tx: optax.GradientTransformation
+  schedule: object  # step -> learning rate
+  method: methods.Method
+  state: TrainState
+  shardings: TrainState
+  predict: object  # jitted (state, batch) -> outputs dict
+  evaluators: dict = dataclasses.field(default_factory=dict)
+
+  def data_source(self, split: str):
+    return pipeline.data_source(self.config, split)
+
+  def eval_batches(self, source) -> pipeline.EvalBatches:
+    """Re-iterable eval batches of `source`, sharded over the mesh."""
+    return pipeline.EvalBatches(
+        source, self.config, self.config.eval_batch_size,
+        parallel.batch_sharding(self.mesh), jax.process_index(),
+        jax.process_count())
+
+  def train_iterator(self) -> pipeline.TrainIterator:
+    return pipeline.TrainIterator(
+        self.train_source, self.config, parallel.batch_sharding(self.mesh),
+        jax.process_index(), jax.process_count())
+
+  def evaluate(self, state: TrainState) -> dict:
+    """`eval/<dataset>/<evaluator>/<metric>` for every eval split and
+    evaluator of the config (`results.metric_name`)."""
+    predict_fn = lambda batch: self.predict(state, batch)
+    row = {}
+    for split, batches in self._eval_batches.items():
+      for name, evaluator in self.evaluators.items():
+        for metric, value in evaluator(predict_fn, batches):
+          key = results.metric_name(self.config.dataset, split, name, metric)
+          row[key] = float(value)
+    return row
+
+  def __post_init__(self):
+    self._eval_batches = {s: self.eval_batches(source)
+                          for s, source in self.eval_sources.items()}
+
+
+def build(config, training: bool = True) -> Experiment:
+  """Every part of the run of `config` (module docstring).
+
+  training: False builds no training data iterator and measures nothing for
+  the method; the batch shapes come from the first eval split.
+  """
+  mesh = parallel.make_mesh(config.mesh_devices)
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  eval_sources = {s: pipeline.data_source(config, s)
+                  for s in config.eval_splits}
+  train_source = (pipeline.data_source(config, config.train_split)
+                  if training else None)
+  spec_source = train_source if training else next(iter(eval_sources.values()))
+  batch_size = config.batch_size if training else config.eval_batch_size
+  batch_spec = example_batch_spec(spec_source, config, batch_size)
+
+  model = build_model(config)
+  tx, schedule = build_optimizer(config)
+  run = Experiment(config, mesh, train_source, eval_sources, model, tx,
+                   schedule, methods.Method(), None, None,
+                   make_predict_fn(model))
+  run.method = methods.build(config, run if training else None)
+  run.state, run.shardings = create_train_state(config, model, tx, batch_spec,
+                                                mesh, run.method)
+  if config.model.get("init"):
+    run.state = load_pretrained(run.state, config.model.init)
+  tokenizer = (pipeline.text_tokenizer(config) if config.get("text")
+               else None)
+  run.evaluators = {
+      name: evaluators.build(
+          name, options.to_dict() if hasattr(options, "to_dict") else options,
+          split_batches=lambda s: run.eval_batches(pipeline.data_source(
+              config, s)),
+          tokenizer=tokenizer)
+      for name, options in config.evaluators.items()}
+  return run
