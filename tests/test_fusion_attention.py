@@ -1,6 +1,8 @@
-"""Tests for the attention fusions: cross-attention, co-attention, MulT."""
+"""The attention fusions' own checks: cross-attention, co-attention, MulT.
 
-import functools
+NumPy references of the layers, wiring and errors; the contract every fusion
+keeps (shapes, gradients, masks) is in test_fusion_contract.py."""
+
 import math
 
 import jax
@@ -13,23 +15,22 @@ from mmjax.models.fusion.attention import (CoAttentionFusion,
                                            CrossAttentionFusion, MulTFusion,
                                            sinusoidal_positions)
 
+import test_fusion_contract as contract
+
 BATCH = 4
 SHAPES = {"a": (3, 5), "b": (4, 7), "c": (2, 6)}  # name -> (N_m, D_m)
 DIM = 8
 SMALL = dict(dim=DIM, num_heads=2, mlp_dim=16)
 
-FUSIONS = {
-    "cross_attention": (lambda: CrossAttentionFusion(**SMALL), "abc",
-                        2 * DIM),
-    "coattention": (lambda: CoAttentionFusion(**SMALL), "ab", 2 * DIM),
-    "mult": (lambda: MulTFusion(**SMALL), "abc", 3 * 2 * DIM),
+MODULES = {
+    "cross_attention": lambda: CrossAttentionFusion(**SMALL),
+    "coattention": lambda: CoAttentionFusion(**SMALL),
+    "mult": lambda: MulTFusion(**SMALL),
 }
 
 
-def make_tokens(names, seed=0, batch=BATCH):
-  rng = np.random.default_rng(seed)
-  return {m: jnp.asarray(rng.normal(size=(batch, *SHAPES[m])), jnp.float32)
-          for m in names}
+def make_tokens(names, seed=0):
+  return contract.make_tokens({m: SHAPES[m] for m in names}, BATCH, seed)
 
 
 def make_masks(names, pattern=None):
@@ -39,100 +40,15 @@ def make_masks(names, pattern=None):
   return {m: jnp.array(pattern[m], bool) for m in names}
 
 
-def random_params(module, *inputs, seed=0):
-  """Random params with the module's structure, drawn by NumPy.
-
-  Kernels ~ N(0, 0.3^2), biases ~ N(0, 0.1^2), LayerNorm scales ~ 1 + N(0,
-  0.1^2), so zero biases and unit scales are exercised too. Built from
-  `jax.eval_shape`, which compiles nothing (the tests stay fast on 2 CPUs).
-  """
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
-  rng = np.random.default_rng(seed)
-
-  def draw(path, shape):
-    name = path[-1].key
-    noise = rng.normal(size=shape.shape).astype(np.float32)
-    if name == "kernel":
-      return jnp.asarray(0.3 * noise)
-    return jnp.asarray((name == "scale") + 0.1 * noise)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+def jitted(module, params):
+  """The module's forward pass as NumPy, one compilation per input shape."""
+  apply = jax.jit(module.apply)
+  return lambda tokens, masks: np.asarray(apply(params, tokens, masks))
 
 
-@functools.cache
-def setup(name):
-  """Module, modality names, output width, params, jitted (out, grads) fn."""
-  factory, names, width = FUSIONS[name]
-  module = factory()
-  params = random_params(module, make_tokens(names), make_masks(names))
-
-  @jax.jit
-  def outputs_and_grads(params, tokens, masks):
-    """One compilation serves the forward checks and the gradient check."""
-    loss = lambda t: (lambda out: (jnp.sum(out**2), out))(
-        module.apply(params, t, masks))
-    return jax.value_and_grad(loss, has_aux=True)(tokens)
-
-  run = functools.partial(outputs_and_grads, params)
-  return module, names, width, params, run
-
-
-def apply_fn(name, params=None):
-  """The fusion's forward pass, reusing the compilation of `setup(name)`."""
-  run = setup(name)[-1]
-  run = run if params is None else functools.partial(run.func, params)
-  return lambda tokens, masks: np.asarray(run(tokens, masks)[0][1])
-
-
-@pytest.mark.parametrize("name", FUSIONS)
-def test_output_shape(name):
-  _, names, width, _, _ = setup(name)
-  out = apply_fn(name)(make_tokens(names), make_masks(names))
-  assert out.shape == (BATCH, width)
-  assert out.dtype == np.float32
-  assert np.all(np.isfinite(out))
-
-
-@pytest.mark.parametrize("name", FUSIONS)
-def test_gradients_reach_every_modality(name):
-  _, names, _, _, run = setup(name)
-  masks = {m: jnp.ones(BATCH, bool) for m in names}
-  _, grads = run(make_tokens(names), masks)
-  for m in names:
-    assert np.all(np.isfinite(grads[m]))
-    assert np.abs(grads[m]).sum() > 0, m
-
-
-@pytest.mark.parametrize("name", FUSIONS)
-def test_masked_modality_contributes_nothing(name):
-  names = setup(name)[1]
-  apply = apply_fn(name)
-  tokens, masks = make_tokens(names), make_masks(names)
-  base = apply(tokens, masks)
-  for i, m in enumerate(names):
-    noise = 100 * np.random.default_rng(10 + i).normal(
-        size=tokens[m].shape).astype(np.float32)
-    missing = ~masks[m][:, None, None]
-    changed = dict(tokens, **{m: jnp.where(missing, noise, tokens[m])})
-    np.testing.assert_array_equal(apply(changed, masks), base)
-    # The same change on present rows does move the output.
-    changed = dict(tokens, **{m: jnp.where(missing, tokens[m], noise)})
-    assert not np.allclose(apply(changed, masks), base), m
-
-
-@pytest.mark.parametrize("name", FUSIONS)
-def test_all_masked_is_finite(name):
-  _, names, width, _, _ = setup(name)
-  masks = {m: jnp.zeros(BATCH, bool) for m in names}
-  out = apply_fn(name)(make_tokens(names), masks)
-  assert out.shape == (BATCH, width)
-  assert np.all(np.isfinite(out))
-  np.testing.assert_array_equal(out, 0)  # every block is zeroed
-
-
-@pytest.mark.parametrize("name", FUSIONS)
+@pytest.mark.parametrize("name", MODULES)
 def test_too_few_modalities(name):
-  module = FUSIONS[name][0]()
+  module = MODULES[name]()
   with pytest.raises(ValueError, match="at least 2|exactly two"):
     jax.eval_shape(module.init, jax.random.PRNGKey(0), make_tokens("a"),
                    make_masks("a"))
@@ -143,7 +59,7 @@ def test_dropout_only_when_training():
   x, context = make_tokens("ac").values()
   x, context = x[..., :4], context[..., :4]
   present = jnp.array([1, 1, 0, 1], bool)
-  params = random_params(block, x, context, present)
+  params = contract.random_params(block, x, context, present)
   apply = jax.jit(lambda train, rng: block.apply(
       params, x, context, present, train=train, rngs={"dropout": rng}),
                   static_argnums=0)
@@ -229,13 +145,13 @@ def np_coattention_ct(tokens, masks, p):
 
 
 def test_coattention_ct_matches_numpy():
-  module, _, _, _, _ = setup("coattention")
+  module = MODULES["coattention"]()
   assert module.layers == "CT" and module.pool == "mean"
   tokens = make_tokens("ab", seed=5)
   # Rows: both present, a missing, b missing, both missing.
   masks = make_masks("ab", {"a": [1, 0, 1, 0], "b": [1, 1, 0, 0]})
-  params = random_params(module, tokens, masks, seed=6)
-  out = apply_fn("coattention", params)(tokens, masks)  # float32 on CPU
+  params = contract.random_params(module, tokens, masks, seed=6)
+  out = jitted(module, params)(tokens, masks)  # float32 on CPU
   expected = np_coattention_ct(to_numpy(tokens), to_numpy(masks),
                                to_numpy(params["params"]))
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
@@ -248,7 +164,7 @@ def test_coattention_first_token_pooling():
   # With no layers, pool="first" returns each stream's first projected token.
   module = CoAttentionFusion(**SMALL, layers="", pool="first")
   tokens, masks = make_tokens("ab", seed=3), make_masks("ab")
-  params = random_params(module, tokens, masks, seed=4)
+  params = contract.random_params(module, tokens, masks, seed=4)
   out = module.apply(params, tokens, masks)
   t, m, p = to_numpy(tokens), to_numpy(masks), to_numpy(params["params"])
   expected = np.concatenate(
@@ -273,15 +189,15 @@ def test_coattention_wiring_and_errors():
 
 
 def test_cross_attention_layer_matches_numpy():
-  module, _, _, _, _ = setup("cross_attention")
+  module = MODULES["cross_attention"]()
   assert module.num_layers == 1 and module.query is None
   tokens = make_tokens("abc", seed=8)
   # Rows: all present; query a missing; context b missing (c attends alone);
   # all context missing (the query passes through the feed-forward only).
   masks = make_masks("abc", {"a": [1, 0, 1, 1], "b": [1, 1, 0, 0],
                              "c": [1, 1, 1, 0]})
-  params = random_params(module, tokens, masks, seed=9)
-  out = apply_fn("cross_attention", params)(tokens, masks)  # float32 on CPU
+  params = contract.random_params(module, tokens, masks, seed=9)
+  out = jitted(module, params)(tokens, masks)  # float32 on CPU
   t, m, p = to_numpy(tokens), to_numpy(masks), to_numpy(params["params"])
   x = np_dense(t["a"], p["proj_a"])
   context = np.concatenate([np_dense(t["b"], p["proj_b"]),
@@ -303,7 +219,7 @@ def test_cross_attention_query_choice():
   masks = make_masks("abc", {"a": [1, 1, 1, 1], "b": [1, 1, 1, 1],
                              "c": [1, 0, 1, 1]})
   module = CrossAttentionFusion(**SMALL, query="c")
-  params = random_params(module, tokens, masks)
+  params = contract.random_params(module, tokens, masks)
   assert params["params"]["block_0"]["norm_context"]["scale"].shape == (DIM,)
   apply = jax.jit(module.apply)
   out = np.asarray(apply(params, tokens, masks))
@@ -318,14 +234,15 @@ def test_cross_attention_query_choice():
 
 
 def test_mult_blocks_and_positions():
-  _, names, _, params, _ = setup("mult")
-  apply = apply_fn("mult")
-  assert {k for k in params["params"] if k.startswith("cross_")} == {
-      f"cross_{s}_to_{t}_{suffix}" for t in names for s in names if s != t
-      for suffix in ("0", "norm")}
+  module, names = MODULES["mult"](), "abc"
   tokens = make_tokens(names)
   masks = make_masks(names, {"a": [1, 0, 1, 1], "b": [1, 1, 1, 1],
                              "c": [1, 1, 0, 1]})
+  params = contract.random_params(module, tokens, masks)
+  apply = jitted(module, params)
+  assert {k for k in params["params"] if k.startswith("cross_")} == {
+      f"cross_{s}_to_{t}_{suffix}" for t in names for s in names if s != t
+      for suffix in ("0", "norm")}
   out = apply(tokens, masks)
   blocks = out.reshape(BATCH, 3, 2 * DIM)  # targets a, b, c
   assert np.all(blocks[1, 0] == 0) and np.all(blocks[2, 2] == 0)

@@ -1,4 +1,7 @@
-"""MBT bottleneck fusion: shapes, masks, gradients, early/late, parameters."""
+"""MBT bottleneck fusion: masked third modality, early/late, parameters.
+
+The contract every fusion keeps (shapes, gradients, masks) is in
+test_fusion_contract.py; these are the bottleneck's own checks."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +9,8 @@ import numpy as np
 import pytest
 
 from mmjax.models.fusion.bottleneck import BottleneckFusion
+
+import test_fusion_contract as contract
 
 SHAPES = {"audio": (5, 12), "image": (3, 8), "text": (4, 6)}
 # One layer per modality alone, then two exchanging through the bottleneck
@@ -16,87 +21,30 @@ SMALL = dict(dim=16, num_layers=3, fusion_layer=1, num_bottlenecks=2,
 
 
 def make_inputs(b=3, seed=0, names=("audio", "image")):
-  rng = np.random.default_rng(seed)
-  tokens = {m: jnp.asarray(rng.normal(size=(b, *SHAPES[m])), jnp.float32)
-            for m in names}
+  tokens = contract.make_tokens({m: SHAPES[m] for m in names}, b, seed)
   masks = {m: jnp.ones(b, bool) for m in names}
   return tokens, masks
-
-
-def random_params(module, tokens, masks, seed=0):
-  """Random parameters of `module` for these inputs, without compiling init.
-
-  LayerNorm scales are 1 + 0.3 N(0, 1), everything else 0.3 N(0, 1); only
-  the shapes come from `module.init` (traced abstractly by jax.eval_shape).
-  """
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), tokens, masks)
-
-  def draw(path, leaf):
-    noise = 0.3 * rng.normal(size=leaf.shape).astype(np.float32)
-    return noise + (path[-1].key == "scale")
-
-  return {"params": jax.tree_util.tree_map_with_path(draw, shapes["params"])}
 
 
 def num_params(tree) -> int:
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
-@pytest.fixture(scope="module")
-def fusion():
-  module = BottleneckFusion(**SMALL)
+def test_default_output_width():
   tokens, masks = make_inputs()
-  return jax.jit(module.apply), random_params(module, tokens, masks)
-
-
-def test_output_shape(fusion):
-  apply, variables = fusion
-  tokens, masks = make_inputs()
-  assert apply(variables, tokens, masks).shape == (3, 16)
   default = BottleneckFusion()
   shapes = jax.eval_shape(default.init, jax.random.key(0), tokens, masks)
   assert jax.eval_shape(default.apply, shapes, tokens, masks).shape == (3, 64)
 
 
-def test_gradients_reach_every_modality(fusion):
-  apply, variables = fusion
-  tokens, masks = make_inputs()
-  grads = jax.jit(jax.grad(
-      lambda t: jnp.sum(apply(variables, t, masks) ** 2)))(tokens)
-  for m, g in grads.items():
-    assert float(jnp.abs(g).sum()) > 0, m
-
-
-def test_masked_modality_is_ignored(fusion):
-  apply, variables = fusion
-  tokens, masks = make_inputs()
-  masks = dict(masks, image=jnp.array([False, True, False]))
-  out = apply(variables, tokens, masks)
-  other = dict(tokens, image=make_inputs(seed=1)[0]["image"] * 100.0)
-  changed = apply(variables, other, masks)
-  np.testing.assert_array_equal(changed[::2], out[::2])
-  assert not np.allclose(changed[1], out[1])  # example 1 sees the image
-
-
-def test_all_masked_is_finite(fusion):
-  apply, variables = fusion
-  tokens, _ = make_inputs()
-  masks = {m: jnp.zeros(3, bool) for m in tokens}
-  out = apply(variables, tokens, masks)
-  assert np.all(np.isfinite(out))
-  other = {m: t * 100.0 + 1.0 for m, t in tokens.items()}
-  np.testing.assert_array_equal(apply(variables, other, masks), out)
-
-
-def test_three_modalities_with_one_masked_equal_the_other_two(fusion):
+def test_three_modalities_with_one_masked_equal_the_other_two():
   """A masked third modality is left out of the bottleneck and output means."""
-  apply, _ = fusion
   module = BottleneckFusion(**SMALL)
+  apply = jax.jit(module.apply)
   tokens, masks = make_inputs(names=("audio", "image", "text"))
   masks = dict(masks, text=jnp.array([False, True, False]))
-  variables = random_params(module, tokens, masks, seed=1)
-  out = jax.jit(module.apply)(variables, tokens, masks)
+  variables = contract.random_params(module, tokens, masks, seed=1)
+  out = apply(variables, tokens, masks)
   assert out.shape == (3, 16)
   assert "block_2_text" in variables["params"]
   params = {k: v for k, v in variables["params"].items() if "text" not in k}
@@ -111,7 +59,7 @@ def audio_cls_when_image_changes(fusion_layer):
   module = BottleneckFusion(**dict(SMALL, fusion_layer=fusion_layer))
   tokens, masks = make_inputs()
   other = dict(tokens, image=make_inputs(seed=1)[0]["image"])
-  variables = random_params(module, tokens, masks)
+  variables = contract.random_params(module, tokens, masks)
 
   @jax.jit
   def run(t):

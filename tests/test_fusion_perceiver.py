@@ -1,4 +1,7 @@
-"""Flamingo's Perceiver resampler, gated xattn-dense, PerceiverFusion."""
+"""Flamingo's Perceiver resampler, gated xattn-dense, PerceiverFusion.
+
+The contract every fusion keeps (shapes, gradients, masks) is in
+test_fusion_contract.py; these are the Perceiver's own checks."""
 
 import math
 
@@ -10,88 +13,32 @@ import pytest
 from mmjax.models.fusion.perceiver import (GatedCrossAttentionDense,
                                            PerceiverFusion, PerceiverResampler)
 
+import test_fusion_contract as contract
+
 SHAPES = {"audio": (5, 12), "image": (3, 8), "text": (7, 16)}
 
 
 def make_inputs(b=3, seed=0, names=("audio", "image")):
-  rng = np.random.default_rng(seed)
-  tokens = {m: jnp.asarray(rng.normal(size=(b, *SHAPES[m])), jnp.float32)
-            for m in names}
+  tokens = contract.make_tokens({m: SHAPES[m] for m in names}, b, seed)
   masks = {m: jnp.ones(b, bool) for m in names}
   return tokens, masks
 
 
-def random_params(module, *args, seed=0):
-  """Random parameters of `module` for these inputs, without compiling init.
-
-  LayerNorm scales are 1 + 0.3 N(0, 1), everything else 0.3 N(0, 1); only
-  the shapes come from `module.init` (traced abstractly by jax.eval_shape).
-  """
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
-
-  def draw(path, leaf):
-    noise = 0.3 * rng.normal(size=leaf.shape).astype(np.float32)
-    return noise + (path[-1].key == "scale")
-
-  return {"params": jax.tree_util.tree_map_with_path(draw, shapes["params"])}
-
-
-@pytest.fixture(scope="module")
-def fusion():
-  module = PerceiverFusion(dim=16, num_latents=4, num_heads=2)
+def test_fusion_default_projection_width():
   tokens, masks = make_inputs()
-  return jax.jit(module.apply), random_params(module, tokens, masks)
-
-
-def test_fusion_output_shape(fusion):
-  apply, variables = fusion
-  tokens, masks = make_inputs()
-  assert apply(variables, tokens, masks).shape == (3, 16)
   shapes = jax.eval_shape(PerceiverFusion().init, jax.random.key(0), tokens,
                           masks)
   assert shapes["params"]["proj_audio"]["kernel"].shape == (12, 64)
 
 
-def test_fusion_gradients_reach_every_modality(fusion):
-  apply, variables = fusion
-  tokens, masks = make_inputs()
-  grads = jax.jit(jax.grad(
-      lambda t: jnp.sum(apply(variables, t, masks) ** 2)))(tokens)
-  for m, g in grads.items():
-    assert float(jnp.abs(g).sum()) > 0, m
-
-
-def test_fusion_masked_modality_is_ignored(fusion):
-  apply, variables = fusion
-  tokens, masks = make_inputs()
-  masks = dict(masks, image=jnp.array([False, True, False]))
-  out = apply(variables, tokens, masks)
-  other = dict(tokens, image=make_inputs(seed=1)[0]["image"] * 100.0)
-  changed = apply(variables, other, masks)
-  np.testing.assert_array_equal(changed[::2], out[::2])
-  # The unmasked example 1 does depend on the image.
-  assert not np.allclose(changed[1], out[1])
-
-
-def test_fusion_all_masked_is_finite(fusion):
-  apply, variables = fusion
-  tokens, _ = make_inputs()
-  masks = {m: jnp.zeros(3, bool) for m in tokens}
-  out = apply(variables, tokens, masks)
-  assert np.all(np.isfinite(out))
-  other = {m: t * 100.0 + 1.0 for m, t in tokens.items()}
-  np.testing.assert_array_equal(apply(variables, other, masks), out)
-
-
-def test_fusion_three_modalities_with_one_masked_equal_the_other_two(fusion):
+def test_fusion_three_modalities_with_one_masked_equal_the_other_two():
   """A masked modality's keys get exactly zero attention: it is as if absent."""
-  apply, _ = fusion
   module = PerceiverFusion(dim=16, num_latents=4, num_heads=2)
+  apply = jax.jit(module.apply)
   tokens, masks = make_inputs(names=("audio", "image", "text"))
   masks = dict(masks, text=jnp.array([False, True, False]))
-  variables = random_params(module, tokens, masks)
-  out = jax.jit(module.apply)(variables, tokens, masks)
+  variables = contract.random_params(module, tokens, masks)
+  out = apply(variables, tokens, masks)
   assert out.shape == (3, 16) and np.all(np.isfinite(out))
   params = {k: v for k, v in variables["params"].items() if "text" not in k}
   time = params["resampler"]["time_embedding"]
@@ -188,7 +135,7 @@ def test_resampler_matches_numpy_reference():
   x = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
   mask = rng.random((3, 12)) < 0.6
   mask[2] = False  # one example sees no media at all
-  params = random_params(module, x, mask)["params"]
+  params = contract.random_params(module, x, mask)["params"]
   with jax.default_matmul_precision("float32"):
     out = jax.jit(module.apply)({"params": params}, x, mask)
   expected = np_resampler(params, x.astype(np.float64), mask, num_layers=2)

@@ -1,4 +1,7 @@
-"""Tensor, low-rank tensor and hybrid fusion: shapes, masks, gradients, math."""
+"""Tensor, low-rank tensor and hybrid fusion: the math, against NumPy.
+
+The contract every fusion keeps (shapes, gradients, masks) is in
+test_fusion_contract.py."""
 
 import functools
 
@@ -11,22 +14,15 @@ from mmjax.models.fusion.tensor import (HybridFusion, LowRankTensorFusion,
                                         TensorFusion)
 from mmjax.models.layers import MLP
 
+import test_fusion_contract as contract
+
 # Modality name -> (tokens N, width D); different N and D on purpose.
 SHAPES = {"audio": (3, 5), "image": (4, 6), "text": (2, 3)}
 B = 3
 
-MODULES = {
-    "tensor": (lambda: TensorFusion(dim=3), 4**3),
-    "tensor_out": (lambda: TensorFusion(dim=3, out_dim=7), 7),
-    "low_rank_tensor": (lambda: LowRankTensorFusion(rank=3, out_dim=7), 7),
-    "hybrid": (lambda: HybridFusion(num_classes=5, hidden=(8,)), 5),
-}
-
 
 def make_inputs(names=tuple(SHAPES), seed=0, present=None):
-  rng = np.random.default_rng(seed)
-  tokens = {m: jnp.asarray(rng.normal(size=(B,) + SHAPES[m]), jnp.float32)
-            for m in names}
+  tokens = contract.make_tokens({m: SHAPES[m] for m in names}, B, seed)
   masks = {m: jnp.asarray(np.ones(B, bool) if present is None else present[m])
            for m in names}
   return tokens, masks
@@ -34,52 +30,6 @@ def make_inputs(names=tuple(SHAPES), seed=0, present=None):
 
 def init(module, tokens, masks):
   return module.init(jax.random.key(0), tokens, masks, train=False)
-
-
-@pytest.fixture(scope="module", params=sorted(MODULES))
-def fusion(request):
-  """(output width, variables, jitted apply) of one module, built once."""
-  make, width = MODULES[request.param]
-  module = make()
-  tokens, masks = make_inputs()
-  variables = init(module, tokens, masks)
-  return width, variables, jax.jit(module.apply)
-
-
-def test_output_shape(fusion):
-  width, variables, apply = fusion
-  out = apply(variables, *make_inputs())
-  assert out.shape == (B, width)
-  assert np.all(np.isfinite(out))
-
-
-def test_gradients_reach_every_modality(fusion):
-  _, variables, apply = fusion
-  tokens, masks = make_inputs()
-  grads = jax.grad(lambda t: jnp.sum(apply(variables, t, masks) ** 2))(tokens)
-  for m in SHAPES:
-    assert float(jnp.abs(grads[m]).sum()) > 0, m
-
-
-def test_masked_modality_is_ignored(fusion):
-  _, variables, apply = fusion
-  present = {"audio": np.array([True, False, True]),
-             "image": np.array([False, True, True]),
-             "text": np.array([True, True, False])}
-  tokens, masks = make_inputs(present=present)
-  out = apply(variables, tokens, masks)
-  other, _ = make_inputs(seed=1)
-  changed = {m: jnp.where(masks[m][:, None, None], tokens[m], 100 * other[m])
-             for m in SHAPES}
-  assert not np.array_equal(changed["audio"], tokens["audio"])
-  np.testing.assert_array_equal(apply(variables, changed, masks), out)
-
-
-def test_all_masked_is_finite(fusion):
-  _, variables, apply = fusion
-  present = {m: np.zeros(B, bool) for m in SHAPES}
-  out = apply(variables, *make_inputs(present=present))
-  assert np.all(np.isfinite(out))
 
 
 def _projections(params, tokens, masks):
