@@ -157,9 +157,10 @@ class MultimodalClassifier(nn.Module):
     fusion = self.fusion  # attached by its field name: "fusion"
     returns_logits = getattr(fusion, "returns_logits", False)
     if returns_logits != (self.head is None):
+      head = "None" if self.head is None else type(self.head).__name__
       raise ValueError("a fusion that returns logits takes head=None, any "
                        f"other a head module; got {type(fusion).__name__} "
-                       f"and head={type(self.head).__name__}")
+                       f"and head={head}")
     used = ([fusion.modality] if isinstance(fusion, Unimodal)
             else list(self.modalities))
     masks = {m: batch[f"mask/{m}"] for m in used}

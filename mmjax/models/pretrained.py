@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from mmjax import assets
 from mmjax.models.encoders.text import BertEncoder
@@ -81,13 +82,12 @@ def _attention(state, name, num_heads):
   for ours, theirs in (("query", "self.query"), ("key", "self.key"),
                        ("value", "self.value")):
     dense = _dense(state, f"{name}.{theirs}")
-    width = dense["kernel"].shape[0]
     params[ours] = {
-        "kernel": dense["kernel"].reshape(width, num_heads, -1),
-        "bias": dense["bias"].reshape(num_heads, -1)}
+        "kernel": rearrange(dense["kernel"], "d (h k) -> d h k", h=num_heads),
+        "bias": rearrange(dense["bias"], "(h k) -> h k", h=num_heads)}
   out = _dense(state, f"{name}.output.dense")
-  params["out"] = {"kernel": out["kernel"].reshape(num_heads, -1,
-                                                   out["kernel"].shape[1]),
+  params["out"] = {"kernel": rearrange(out["kernel"], "(h k) d -> h k d",
+                                       h=num_heads),
                    "bias": out["bias"]}
   return params
 

@@ -9,6 +9,7 @@ Slaney mel scale; `power_to_db` with ref=1, amin=1e-10 and `top_db` clipping.
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from mmjax.models.layers import TransformerBlock
 
@@ -142,7 +143,7 @@ class AudioSpectrogramTransformer(nn.Module):
     b, h, w, d = x.shape
     if h == 0 or w == 0:
       raise ValueError(f"AST needs at least {self.patch} bins and frames")
-    x = x.reshape(b, h * w, d)
+    x = rearrange(x, "b f t d -> b (f t) d")  # patches frequency-major
     leading = self.param("leading_tokens", nn.initializers.normal(0.02),
                          (1, 2, d))
     x = jnp.concatenate([jnp.broadcast_to(leading, (b, 2, d)), x], 1)

@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax.numpy as jnp
+from einops import rearrange
 
 
 class LeNet(nn.Module):
@@ -43,4 +44,4 @@ class LeNet(nn.Module):
       raise ValueError(f"LeNet with {self.extra_layers + 1} poolings needs an "
                        f"input of at least {2**(self.extra_layers + 1)} pixels "
                        "per side")
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return rearrange(x, "b h w c -> b (h w) c")

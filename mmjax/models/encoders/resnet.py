@@ -4,6 +4,7 @@ import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
+from einops import rearrange
 
 # depth -> (residual block kind, number of blocks in each of the four stages).
 _DEPTHS = {
@@ -118,4 +119,4 @@ class ResNet(nn.Module):
         stride = 2 if i > 0 and j == 0 else 1
         x = _Block(kind, self.width * 2**i, stride, self.zero_init_residual,
                    name=f"stage_{i}_block_{j}")(x, train=train)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return rearrange(x, "b h w c -> b (h w) c")

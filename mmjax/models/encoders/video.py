@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+from einops import rearrange
 
 from mmjax.models.layers import TransformerBlock
 from mmjax.models.spec import from_spec
@@ -40,8 +41,10 @@ class FrameEncoder(nn.Module):
       raise ValueError(f"video has {t} frames, more than max_frames="
                        f"{self.max_frames}")
     encoder = from_spec("frame", self.frame, ENCODERS, name="frame_encoder")
-    frames = encoder(video.reshape(b * t, *video.shape[2:]), train=train)
-    frames = jnp.mean(frames, axis=1).reshape(b, t, -1)  # [B, T, D]
+    frames = encoder(rearrange(video, "b t h w c -> (b t) h w c"),
+                     train=train)
+    frames = rearrange(jnp.mean(frames, axis=1), "(b t) d -> b t d",
+                       b=b)  # [B, T, D]
     if self.temporal == "mean":
       return jnp.mean(frames, axis=1, keepdims=True)
     width = frames.shape[-1]

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from mmjax.models.layers import FeedForward, TransformerBlock
 
@@ -138,7 +139,7 @@ class ViT(nn.Module):
     x = nn.Conv(width, (patch, patch), strides=(patch, patch),
                 padding="VALID", name="embedding")(x)
     b, h, w, _ = x.shape
-    x = x.reshape(b, h * w, width)
+    x = rearrange(x, "b h w d -> b (h w) d")  # patches in raster order
     if self.pool == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, width), x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), x], axis=1)

@@ -7,6 +7,7 @@ NeurIPS 2022, Appendix A.1.1 (Perceiver resampler, Figure 5) and A.1.2
 
 import flax.linen as nn
 import jax.numpy as jnp
+from einops import rearrange
 
 from mmjax.models.layers import FeedForward, key_mask, pool_tokens, zero_masked
 
@@ -69,7 +70,7 @@ class PerceiverResampler(nn.Module):
       raise ValueError(f"{frames} frames exceed max_frames={self.max_frames}")
     time = self.param("time_embedding", nn.initializers.normal(0.02),
                       (self.max_frames, 1, dim))
-    x = (x + time[:frames]).reshape(batch, frames * tokens, dim)
+    x = rearrange(x + time[:frames], "b t s d -> b (t s) d")
     latents = self.param("latents", nn.initializers.normal(0.02),
                          (self.num_latents, dim))
     latents = jnp.broadcast_to(latents, (batch, self.num_latents, dim))
