@@ -11,12 +11,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from mmjax import checkpoint, cli, experiment
+from mmjax import checkpoint, cli, experiment, rundir
 from mmjax.errors import UsageError
 
 
 def evaluate(config, workdir: str) -> dict:
   """Restores the latest checkpoint in `workdir` and evaluates every split."""
+  rundir.check_resume(workdir, config.to_dict())  # the run's own model
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
     if ckpt.latest_step() is None:

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from mmjax import (configs, evaluators, methods, objectives, parallel,
-                   registry, results)
+                   registry, results, rundir)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
 from mmjax.models import pretrained
@@ -277,8 +277,21 @@ def build(config, training: bool = True) -> Experiment:
   """Every part of the run of `config` (module docstring).
 
   training: False builds no training data iterator and measures nothing for
-  the method; the batch shapes come from the first eval split.
+  the method; the batch shapes come from the first eval split. Whatever can
+  be checked before training is: the data directory, the batch sizes
+  against the mesh, and that pretrained weights and tokenizers are installed
+  (each a one-line UsageError).
   """
+  try:
+    return _build(config, training)
+  except (ModuleNotFoundError, FileNotFoundError) as e:  # pretrained files
+    raise UsageError(str(e).splitlines()[0]) from None
+
+
+def _build(config, training: bool) -> Experiment:
+  if not config.dataset.startswith("tfds:"):  # built here, when needed
+    rundir.check_directory(config.data_dir or pipeline.default_data_dir(),
+                           "config key 'data_dir':")
   mesh = parallel.make_mesh(config.mesh_devices)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")

@@ -34,19 +34,19 @@ MAX_LISTED = 5
 _MISSING = object()
 
 
-def check_workdir(workdir):
-  """Creates `workdir` if needed; UsageError if it is a file or cannot be
-  created or written."""
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise UsageError(f"--workdir {workdir} is a file, not a directory")
+def check_directory(path, what: str = "--workdir"):
+  """Creates directory `path` if needed; UsageError naming `what` (the flag
+  or config key) if it is a file or cannot be created or written."""
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise UsageError(f"{what} {path} is a file, not a directory")
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise UsageError(f"--workdir {workdir} cannot be created: "
+    raise UsageError(f"{what} {path} cannot be created: "
                      f"{e.strerror or e}") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise UsageError(f"--workdir {workdir} is not writable")
+  if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+    raise UsageError(f"{what} {path} is not readable and writable")
 
 
 class RunLock:
@@ -58,7 +58,7 @@ class RunLock:
     self._fd = None
 
   def acquire(self):
-    check_workdir(self.workdir)
+    check_directory(self.workdir)
     # No O_TRUNC: the holder's pid stays readable until the lock is ours.
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

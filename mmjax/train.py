@@ -97,15 +97,15 @@ def _train(config, workdir: str, start_time: float):
   run = experiment.build(config)
   state, method = run.state, run.method
   data = run.train_iterator()
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  if ckpt.latest_step() is not None:  # before anything is written
+    state, data_state = ckpt.restore(state)
+    data.set_state(data_state)
   writer = metric_writers.MetricWriter(workdir, config.total_steps,
                                        config.to_dict())
   for line in changed:
     writer.info(f"resuming with a changed config key: {line}")
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints,
-                                 warn=writer.info)
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
-    data.set_state(data_state)
     writer.resume(int(state.step))
     writer.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
   step = first_step = int(state.step)

@@ -34,11 +34,6 @@ from mmjax.models.layers import MLP
 from mmjax.models.multimodal import MultimodalClassifier
 from mmjax.models.spec import from_spec
 
-# Config values of `model.unimodal_heads` that add no parameters and no
-# outputs to the model: training methods compute them from the sown
-# intermediates (`MultimodalClassifier`), so the model is built without heads.
-_DERIVED_HEADS = {"decomposed": "none"}
-
 
 def _plain(value):
   """A plain-dict copy of a ConfigDict or dict (tuples and lists as lists)."""
@@ -143,7 +138,6 @@ def classifier_from_config(config) -> MultimodalClassifier:
   """The classifier of `config.modalities` and `config.model` (encoders,
   fusion, num_classes, head_hidden, fusion_kwargs, modality_dropout,
   missing, optional unimodal_heads)."""
-  heads = config.model.get("unimodal_heads", "none")
   return build_classifier(
       modalities=tuple(config.modalities),
       encoders=_plain(config.model.encoders),
@@ -153,7 +147,7 @@ def classifier_from_config(config) -> MultimodalClassifier:
       fusion_kwargs=_plain(config.model.fusion_kwargs),
       modality_dropout=_plain(config.model.modality_dropout),
       missing=config.model.missing,
-      unimodal_heads=_DERIVED_HEADS.get(heads, heads))
+      unimodal_heads=config.model.get("unimodal_heads", "none"))
 
 
 def contrastive_from_config(config) -> ContrastiveModel:

@@ -1,0 +1,181 @@
+"""Nothing a user does loses work or shows a traceback: each failure is one
+`error:` line and exit status 2, found before the first step, and the run's
+checkpoints are left byte for byte as they were."""
+
+import hashlib
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import orbax.checkpoint as ocp
+import pytest
+
+from mmjax import evaluate, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/avmnist.py:fusion=image_only"
+TINY = ["--config.total_steps=10", "--config.batch_size=32",
+        "--config.checkpoint_every=5", "--config.log_every=5",
+        "--config.eval_every=10", "--config.eval_splits=('val[:64]',)",
+        "--config.eval_batch_size=32", "--config.optimizer.warmup_steps=2"]
+
+
+def argv(workdir, data_dir, *extra, config=CONFIG):
+  return ["--config", config, "--workdir", str(workdir),
+          f"--config.data_dir={data_dir}", *TINY, *extra]
+
+
+@pytest.fixture(scope="session")
+def finished_run(avmnist_data_dir, tmp_path_factory):
+  """A finished 10-step image_only run with checkpoints at steps 5 and 10."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  assert train.main(argv(workdir, avmnist_data_dir)) == 0
+  return workdir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  return workdir
+
+
+def digest(directory) -> dict:
+  """{relative path: sha256} of every file under `directory`."""
+  directory = pathlib.Path(directory)
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes())
+          .hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def one_error(capsys, status, expected):
+  """The one `error:` line (the last on stderr; any before it are
+  `warning:` lines, e.g. for each checkpoint that failed to restore)."""
+  out = capsys.readouterr()
+  lines = out.err.strip().splitlines()
+  assert status == 2, out.err[-2000:]
+  assert lines and lines[-1].startswith("error: "), lines
+  assert all(line.startswith("warning: ") for line in lines[:-1]), lines
+  assert "Traceback" not in out.err + out.out
+  assert expected in lines[-1], lines[-1]
+  return lines[-1]
+
+
+def test_workdir_that_is_a_file(tmp_path, avmnist_data_dir, capsys):
+  path = tmp_path / "notes.txt"
+  path.write_text("mine")
+  one_error(capsys, train.main(argv(path, avmnist_data_dir)),
+            f"--workdir {path} is a file")
+  assert path.read_text() == "mine"
+
+
+def test_data_dir_that_cannot_be_created(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  one_error(capsys, train.main(argv(tmp_path / "run", blocker / "tfds")),
+            f"config key 'data_dir': {blocker / 'tfds'} cannot be created")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_eval_batch_size_is_checked_before_training(tmp_path, avmnist_data_dir,
+                                                    capsys):
+  status = train.main(argv(tmp_path / "run", avmnist_data_dir,
+                           "--config.eval_batch_size=12"))
+  one_error(capsys, status, "config key 'eval_batch_size' is 12, not "
+            "divisible by the 8 devices")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("main", [train.main, evaluate.main])
+def test_workdir_of_another_model_is_refused_and_kept(run_copy,
+                                                      avmnist_data_dir, capsys,
+                                                      main):
+  before = digest(run_copy)
+  line = one_error(capsys, main(argv(run_copy, avmnist_data_dir,
+                                     config="configs/avmnist.py:fusion=late")),
+                   'holds a run with another config: model.fusion: '
+                   '"image_only" -> "late"')
+  assert "another --workdir" in line
+  assert digest(run_copy) == before
+
+
+def test_checkpoints_of_another_model_are_refused_without_config_json(
+    run_copy, avmnist_data_dir, capsys):
+  (run_copy / "config.json").unlink()
+  before = digest(run_copy)
+  one_error(capsys, train.main(argv(run_copy, avmnist_data_dir,
+                                    "--config.model.encoders.image.features=8")),
+            "holds checkpoints of a different model")
+  assert digest(run_copy) == before
+
+
+def corrupt(step_dir: pathlib.Path):
+  """Overwrites the array data of a checkpoint step with garbage."""
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"\xff" * max(path.stat().st_size, 16))
+
+
+def test_every_checkpoint_corrupt_is_one_error_and_nothing_is_deleted(
+    run_copy, avmnist_data_dir, capsys):
+  for step in ("5", "10"):
+    corrupt(run_copy / "checkpoints" / step)
+  before = digest(run_copy)
+  for main in (train.main, evaluate.main):
+    one_error(capsys, main(argv(run_copy, avmnist_data_dir)),
+              "can be restored")
+    assert digest(run_copy) == before
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(
+    run_copy, avmnist_data_dir, capsys):
+  corrupt(run_copy / "checkpoints" / "10")
+  broken = digest(run_copy / "checkpoints" / "10")
+  result = evaluate.main(argv(run_copy, avmnist_data_dir))
+  out = capsys.readouterr()
+  assert result == 0, out.err
+  assert json.loads(out.out.strip().splitlines()[-1])["step"] == 5
+  assert "step 10" in out.err + out.out and "cannot be restored" in (
+      out.err + out.out)
+  assert digest(run_copy / "checkpoints" / "10") == broken
+
+
+def test_a_second_run_on_a_live_workdir_is_refused(tmp_path, avmnist_data_dir,
+                                                   capsys):
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time\nfrom mmjax import rundir\n"
+       f"with rundir.RunLock({str(workdir)!r}):\n"
+       "  print('held', flush=True)\n  time.sleep(60)\n"],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    one_error(capsys, train.main(argv(workdir, avmnist_data_dir)),
+              f"is in use by another run (pid {holder.pid})")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path, avmnist_data_dir, capsys, monkeypatch):
+  save = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 10:
+      raise OSError(28, "No space left on device")
+    return save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  workdir = tmp_path / "run"
+  line = one_error(capsys, train.main(argv(workdir, avmnist_data_dir)),
+                   "checkpoint save at step 10 failed")
+  assert "No space left on device" in line and "step 5" in line
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  status = evaluate.main(argv(workdir, avmnist_data_dir))
+  out = capsys.readouterr()
+  assert status == 0, out.err
+  assert json.loads(out.out.strip().splitlines()[-1])["step"] == 5
