@@ -70,8 +70,8 @@ class MetricWriter:
     if not self.main:
       return
     if config_dict is not None:
-      (self.workdir / "config.json").write_text(
-          json.dumps(config_dict, indent=2) + "\n")
+      results.write_atomically(self.workdir / "config.json",
+                               json.dumps(config_dict, indent=2) + "\n")
     self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
     if sys.stderr.isatty():
       import tqdm
@@ -84,7 +84,8 @@ class MetricWriter:
       return
     if self._path.exists():
       rows = [r for r in results.read_jsonl(self._path) if r["step"] <= step]
-      self._path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+      results.write_atomically(self._path,
+                               "".join(json.dumps(r) + "\n" for r in rows))
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
 

@@ -73,7 +73,8 @@ from collections.abc import Sequence
 import jax
 
 from mmjax import cli, rundir
-from mmjax.results import is_finished, last_value, read_jsonl
+from mmjax.results import (is_finished, last_value, read_jsonl,
+                           write_atomically)
 from mmjax.errors import UsageError
 
 USAGE = ("usage: python -m mmjax.sweep --config configs/X.py[:ARGS] "
@@ -367,12 +368,6 @@ def columns(rows: Sequence[dict], axes: Sequence[Axis]) -> list[str]:
   fixed = [a.name for a in axes] + list(LEADING)
   rest = sorted(keys - set(fixed) - set(TRAILING))
   return [k for k in fixed + rest + list(TRAILING) if k in keys]
-
-
-def write_atomically(path: pathlib.Path, text: str):
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def write_results(sweep: Sweep, points: Sequence[Point]) -> list[dict]:

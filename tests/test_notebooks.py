@@ -7,6 +7,7 @@ executes on those results in a Jupyter kernel; the tutorial trains for 3
 steps. The committed `.ipynb` files must hold the same cells as their `.py`.
 """
 
+import ast
 import os
 import pathlib
 import subprocess
@@ -83,3 +84,23 @@ def test_tutorial_runs(tmp_path, tfds_dir):
                       MMJAX_WORKDIR=str(tmp_path / "runs"),
                       MMJAX_FIGURES=str(tmp_path)))
   assert (tmp_path / "new_fusion.png").exists()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.name)
+def test_result_notebooks_import_no_jax_and_no_runner(experiment):
+  """A notebook that reads results imports them through mmjax.results, which
+  (like the notebook) imports neither jax nor a subprocess runner."""
+  tree = ast.parse((experiment / f"{experiment.name}.py").read_text())
+  imported = {alias.name for node in ast.walk(tree)
+              if isinstance(node, ast.Import) for alias in node.names}
+  imported |= {node.module for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom)}
+  assert not imported & {"jax", "subprocess", "mmjax.sweep", "mmjax.train"}
+
+
+def test_the_results_module_imports_no_jax():
+  code = ("import sys, mmjax.results\n"
+          "print([m for m in ('jax', 'flax', 'subprocess') if m in sys.modules])")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+  assert result.stdout.strip() == "[]", result.stdout + result.stderr

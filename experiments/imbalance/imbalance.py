@@ -19,7 +19,7 @@
 # On `avmnist` the image is the strong modality (about 65% alone) and the
 # noisy audio the weak one (about 43%), so a jointly trained model can lean
 # on the image and leave the audio encoder under-trained. Two remedies, both
-# trainer options (`mmjax/imbalance.py`):
+# training methods (`mmjax/methods/`):
 #
 # - OGM-GE (Peng et al., "Balanced Multimodal Learning via On-the-fly
 #   Gradient Modulation", CVPR 2022) scales down the gradients of the

@@ -37,10 +37,8 @@ import pathlib
 
 import matplotlib.pyplot as plt
 
-from mmjax.evaluators.robustness import (curve_from_results,
-                                         effective_robustness,
-                                         relative_robustness)
-from mmjax.results import load_results, metric
+from mmjax.results import (curve_from_results, effective_robustness,
+                           load_results, metric, relative_robustness)
 
 RESULTS = pathlib.Path(os.environ.get("MMJAX_RESULTS", "."))
 FIGURES = pathlib.Path(os.environ.get("MMJAX_FIGURES", "."))

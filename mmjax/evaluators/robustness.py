@@ -40,6 +40,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mmjax.data import corruptions as corruptions_lib
+from mmjax.results import (  # noqa: F401  (this evaluator's summaries)
+    curve_from_results, effective_robustness, minmax_normalize,
+    relative_robustness)
 from mmjax.evaluators.batches import KeyedMap
 from mmjax.evaluators.classification import classification
 
@@ -78,95 +81,6 @@ def default_corruptions(batch: dict) -> dict[str, dict[str, tuple]]:
     elif m == "text":
       defaults[m] = {"token_dropout": UNIT_LEVELS}
   return defaults
-
-
-def _positions(levels: Sequence[float] | None, n: int) -> np.ndarray:
-  """Levels [n] -> positions on [0, 1] (affine; None: evenly spaced)."""
-  if n < 2:
-    raise ValueError(f"a robustness curve needs at least 2 levels, got {n}")
-  if levels is None:
-    return np.linspace(0.0, 1.0, n)
-  x = np.asarray(levels, np.float64)
-  if x.shape != (n,):
-    raise ValueError(f"{x.size} levels for a curve of {n} accuracies")
-  if np.any(np.diff(x) <= 0):
-    raise ValueError(f"levels must be strictly increasing, got {list(levels)}")
-  return (x - x[0]) / (x[-1] - x[0])
-
-
-def relative_robustness(curve: Sequence[float],
-                        levels: Sequence[float] | None = None) -> float:
-  """MultiBench's relative robustness: the area under an accuracy curve.
-
-  curve [n]: accuracies at increasing corruption levels, the first clean.
-  levels [n] (optional): the levels, mapped affinely onto [0, 1]; None means
-  evenly spaced on [0, 1]. The trapezoid rule over those positions: on the
-  11-level grid 0, 0.1, ..., 1 this is `relative_robustness_helper` of
-  MultiBench's eval_scripts/robustness.py (Liang et al., NeurIPS 2021), before
-  their min-max normalisation across methods (`minmax_normalize`).
-  """
-  a = np.asarray(curve, np.float64)
-  x = _positions(levels, a.size)
-  return float(np.sum((x[1:] - x[:-1]) * (a[1:] + a[:-1]) / 2))
-
-
-def effective_robustness(curve: Sequence[float],
-                         baseline_curve: Sequence[float]) -> float:
-  """MultiBench's effective robustness of `curve` against `baseline_curve`.
-
-  curve, baseline_curve [n]: two models' accuracies at the same increasing
-  levels, the first clean; MultiBench's baseline is late fusion. The baseline
-  is shifted to the model's clean accuracy, beta = baseline + (curve_0 -
-  baseline_0), and the result is sum_i (curve_i - beta_i): positive when the
-  model loses less accuracy than the baseline as the corruption grows. This
-  is `effective_robustness_helper` of MultiBench's eval_scripts/robustness.py
-  (Liang et al., NeurIPS 2021), a sum over levels (so it scales with their
-  number), before their min-max normalisation across methods.
-  """
-  f = np.asarray(curve, np.float64)
-  lf = np.asarray(baseline_curve, np.float64)
-  if f.shape != lf.shape or f.ndim != 1 or f.size < 2:
-    raise ValueError(f"curves must be 1-D, of equal length >= 2, taken at the "
-                     f"same levels; got {f.shape} and {lf.shape}")
-  beta = lf + (f[0] - lf[0])
-  return float(np.sum(f - beta))
-
-
-def minmax_normalize(scores: Mapping[str, float],
-                     higher_is_better: bool = True) -> dict[str, float]:
-  """Scores of several models -> (s - min) / (max - min), as MultiBench's
-  `maxmin_normalize` ranks methods on its leaderboard (negated first when
-  lower is better). Needs two distinct scores."""
-  names = list(scores)
-  s = np.asarray([scores[k] for k in names], np.float64)
-  if not higher_is_better:
-    s = -s
-  spread = s.max() - s.min() if s.size else 0.0
-  if spread == 0:
-    raise ValueError(f"min-max normalisation needs two distinct scores, got "
-                     f"{dict(scores)}")
-  return {k: float(v) for k, v in zip(names, (s - s.min()) / spread)}
-
-
-def curve_from_results(results: Mapping[str, float], modality: str,
-                       corruption: str, prefix: str = ""
-                       ) -> tuple[list[float], list[float]]:
-  """(levels, accuracies) of one curve from a metrics dict, levels ascending.
-
-  Reads the keys `<prefix><modality>/<corruption>/<level>/accuracy`, e.g.
-  prefix "eval/avmnist/robustness/" for the trainer's metric names.
-  """
-  head = f"{prefix}{modality}/{corruption}/"
-  points = []
-  for key, value in results.items():
-    if key.startswith(head) and key.endswith("/accuracy"):
-      level = key[len(head):-len("/accuracy")]
-      if "/" not in level:
-        points.append((float(level), float(value)))
-  if not points:
-    raise KeyError(f"no {head}<level>/accuracy in the results")
-  points.sort()
-  return [p[0] for p in points], [p[1] for p in points]
 
 
 def _accuracy(predict_fn: Callable[[dict], dict], batches: Iterable[dict]

@@ -9,6 +9,8 @@ Slaney mel scale; `power_to_db` with ref=1, amin=1e-10 and `top_db` clipping.
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+import scipy.fft
+import scipy.signal
 from einops import rearrange
 
 from mmjax.models.layers import TransformerBlock
@@ -37,8 +39,13 @@ def mel_to_hz(mels):
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float,
                    fmax: float) -> np.ndarray:
-  """Slaney-normalised triangular filters, [n_mels, n_fft // 2 + 1]."""
-  fft_freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+  """Slaney-normalised triangular filters, [n_mels, n_fft // 2 + 1].
+
+  librosa's `filters.mel(htk=False, norm="slaney")`, written out because
+  librosa (numba, llvmlite) is a test dependency only; tests compare the two.
+  The FFT bin frequencies are `rfftfreq`'s, exact for odd `n_fft` too.
+  """
+  fft_freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
   mel_points = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax),
                                      n_mels + 2))
   widths = np.diff(mel_points)
@@ -51,12 +58,10 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float,
 
 
 def dct_matrix(n_mfcc: int, n_mels: int) -> np.ndarray:
-  """Orthonormal DCT-II, [n_mfcc, n_mels] (scipy's `dct(type=2, norm='ortho')`)."""
-  k = np.arange(n_mfcc)[:, None]
-  n = np.arange(n_mels)[None, :]
-  basis = np.cos(np.pi * k * (2 * n + 1) / (2 * n_mels)) * np.sqrt(2.0 / n_mels)
-  basis[0] /= np.sqrt(2.0)
-  return basis.astype(np.float32)
+  """Orthonormal DCT-II as a matrix, [n_mfcc, n_mels]: scipy's
+  `dct(type=2, norm="ortho")` of the identity."""
+  return scipy.fft.dct(np.eye(n_mels), type=2, norm="ortho",
+                       axis=0)[:n_mfcc].astype(np.float32)
 
 
 class LogMelSpectrogram(nn.Module):
@@ -86,7 +91,7 @@ class LogMelSpectrogram(nn.Module):
     num_frames = 1 + (waveform.shape[-1] - self.n_fft) // self.hop_length
     index = (np.arange(num_frames)[:, None] * self.hop_length
              + np.arange(self.n_fft)[None, :])
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.n_fft) / self.n_fft)
+    window = scipy.signal.get_window("hann", self.n_fft)  # periodic
     frames = waveform[:, index] * window.astype(np.float32)  # [B, frames, n_fft]
     power = jnp.abs(jnp.fft.rfft(frames, axis=-1)) ** 2
     filters = mel_filterbank(self.sample_rate, self.n_fft, self.n_mels,
