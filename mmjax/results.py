@@ -114,7 +114,7 @@ def cell(value, spec: str = ".0f") -> str:
 # ------------------------------------- robustness of result curves (MultiBench)
 
 
-def _positions(levels: Sequence[float] | None, n: int) -> np.ndarray:
+def level_positions(levels: Sequence[float] | None, n: int) -> np.ndarray:
   """Levels [n] -> positions on [0, 1] (affine; None: evenly spaced)."""
   if n < 2:
     raise ValueError(f"a robustness curve needs at least 2 levels, got {n}")
@@ -140,7 +140,7 @@ def relative_robustness(curve: Sequence[float],
   their min-max normalisation across methods (`minmax_normalize`).
   """
   a = np.asarray(curve, np.float64)
-  x = _positions(levels, a.size)
+  x = level_positions(levels, a.size)
   return float(np.sum((x[1:] - x[:-1]) * (a[1:] + a[:-1]) / 2))
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from mmjax.data import corruptions as corruptions_lib
 from mmjax.results import (  # noqa: F401  (this evaluator's summaries)
+    level_positions,
     curve_from_results, effective_robustness, minmax_normalize,
     relative_robustness)
 from mmjax.evaluators.batches import KeyedMap
@@ -103,7 +104,7 @@ def _check(corruptions: Mapping, batch: dict):
       if len(levels) < 2 or levels[0] != 0:
         raise ValueError(f"robustness: levels of {m}/{name} must start at 0 "
                          f"(clean) and have at least 2 entries, got {levels}")
-      _positions(levels, len(levels))
+      level_positions(levels, len(levels))
 
 
 def robustness(predict_fn: Callable[[dict], dict], batches: Iterable[dict],
