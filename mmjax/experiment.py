@@ -14,6 +14,7 @@ Evaluators are built once per run (`mmjax.evaluators.build`).
 """
 
 import dataclasses
+import math
 import re
 
 import flax
@@ -114,21 +115,56 @@ SCHEDULES = {
         [warmup]),
 }
 
+# (schedule, config.optimizer, weight-decay mask) -> optax transformation.
 OPTIMIZERS = {
-    "adamw": lambda schedule, c: optax.adamw(schedule,
-                                             weight_decay=c.weight_decay),
-    "sgd": lambda schedule, c: optax.chain(
-        optax.add_decayed_weights(c.weight_decay),
+    "adamw": lambda schedule, c, mask: optax.adamw(
+        schedule, weight_decay=c.weight_decay, mask=mask),
+    "sgd": lambda schedule, c, mask: optax.chain(
+        optax.add_decayed_weights(c.weight_decay, mask),
         optax.sgd(schedule, momentum=c.momentum or None)),
 }
 
 
+# CLIP's bound on the logit scale (the inverse temperature) exp(log_scale).
+MAX_LOG_SCALE = math.log(100.0)
+
+
+def clamp_parameters(bounds: dict) -> optax.GradientTransformation:
+  """The last step of an optimizer: updates that keep each top-level
+  parameter named in `bounds` ({name: (low, high)}) inside its bounds after
+  the update, as CLIP clamps its logit scale after each step (open_clip
+  `main.py`: `logit_scale.clamp_(0, math.log(100))`); others unchanged."""
+  def update(updates, state, params):
+    updates = dict(updates)
+    for name, (low, high) in bounds.items():
+      if name in params:
+        updates[name] = jnp.clip(params[name] + updates[name], low,
+                                 high) - params[name]
+    return updates, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
+
+
+def decay_mask(pattern: str):
+  """params -> a tree of bools: weight decay on the leaves whose path
+  ("tower_image/encoder/conv_0/kernel") does not fully match `pattern`."""
+  regex = re.compile(pattern) if pattern else None
+  return lambda params: flax.traverse_util.path_aware_map(
+      lambda path, _: not (regex and regex.fullmatch("/".join(path))), params)
+
+
 def build_optimizer(config):
-  """(optax transformation, learning-rate schedule) from `config.optimizer`."""
+  """(optax transformation, learning-rate schedule) from `config.optimizer`.
+
+  Weight decay skips the parameters matching `optimizer.no_decay` (default:
+  biases, norm scales, the logit scale and SigLIP's bias, as open_clip
+  excludes them). With the softmax objective the logit scale is clamped to
+  [0, log 100] after every step (CLIP).
+  """
   c = config.optimizer
   schedule = SCHEDULES[c.schedule](c.learning_rate, c.warmup_steps,
                                    config.total_steps)
-  tx = OPTIMIZERS[c.name](schedule, c)
+  tx = OPTIMIZERS[c.name](schedule, c, decay_mask(c.get("no_decay", "")))
   if c.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
   if config.get("frozen"):
@@ -140,6 +176,8 @@ def build_optimizer(config):
         else "trained", params)
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
                                labels)
+  if config.objective == "softmax":
+    tx = optax.chain(tx, clamp_parameters({"log_scale": (0.0, MAX_LOG_SCALE)}))
   return tx, schedule
 
 

@@ -70,31 +70,30 @@ def _pair_logits(x, y, scale, bias=0.0):
 
 
 def softmax_contrastive_loss(x: jnp.ndarray, y: jnp.ndarray,
-                             log_scale: jnp.ndarray, *,
-                             max_scale: float = 100.0):
+                             log_scale: jnp.ndarray):
   """Symmetric softmax (InfoNCE) loss of CLIP and ALIGN.
 
   Radford et al., "Learning Transferable Visual Models From Natural Language
   Supervision", ICML 2021; Jia et al., "Scaling Up Visual and
   Vision-Language Representation Learning With Noisy Text Supervision",
-  ICML 2021. With x, y L2-normalised and
-  scale = min(exp(log_scale), max_scale) (CLIP clips the temperature at 100),
+  ICML 2021. With x, y L2-normalised and scale = exp(log_scale),
   logits = scale * x @ y.T and the loss is the mean of the cross-entropies
   over rows (x -> y) and over columns (y -> x), targets on the diagonal.
+  CLIP keeps scale <= 100 by clipping the parameter after each optimizer
+  step (open_clip: `logit_scale.clamp_(0, math.log(100))`), not here, so the
+  gradient is never cut off: `experiment.build_optimizer` clamps it.
 
   Args:
     x: [B, D] embeddings of the first tower.
     y: [B, D] embeddings of the second tower, paired row by row with x.
     log_scale: scalar, the learnable log inverse temperature.
-    max_scale: upper clamp of exp(log_scale); above it the gradient w.r.t.
-      log_scale is zero.
 
   Returns:
     (loss, metrics): scalar loss and {"loss", "scale", "accuracy"} where
     accuracy is the fraction of rows whose argmax is the diagonal (x -> y
     retrieval top-1 in the batch).
   """
-  scale = jnp.minimum(jnp.exp(jnp.asarray(log_scale, jnp.float32)), max_scale)
+  scale = jnp.exp(jnp.asarray(log_scale, jnp.float32))
   logits = _pair_logits(x, y, scale)  # [B, B]
   targets = jnp.eye(logits.shape[0], dtype=logits.dtype)
   rows = optax.softmax_cross_entropy(logits, targets).mean()

@@ -104,6 +104,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _allowed(key: str, old, new) -> bool:
+  if old is _MISSING:  # a key added to mmjax after the run began
+    return True
   if key == "total_steps":
     return (isinstance(old, int) and isinstance(new, int)
             and not isinstance(old, bool) and new > old)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.models.fusion import attention
 from mmjax.models.fusion.attention import (CoAttentionFusion,
                                            TransformerBlock,
                                            CrossAttentionFusion, MulTFusion,
@@ -256,3 +257,41 @@ def test_mult_blocks_and_positions():
   np.testing.assert_allclose(positions[3, 0], math.sin(3), rtol=1e-6)
   np.testing.assert_allclose(positions[3, 4], math.cos(3 / 10000**(1 / 3)),
                              rtol=1e-6)
+
+
+def test_mult_stages_start_from_scaled_inputs_with_positions(monkeypatch):
+  """As the reference's TransformerEncoder: every stage (crossmodal and
+  self-attention) reads sqrt(width) * x + PE, and its feed-forward is 4x the
+  stage's width."""
+  seen = []
+  original = attention.mult_input
+
+  def recorded(x):
+    seen.append(x.shape)
+    return original(x)
+
+  monkeypatch.setattr(attention, "mult_input", recorded)
+  names = "ab"
+  module = MulTFusion(dim=DIM, num_heads=2, num_layers=1, self_layers=1)
+  tokens = make_tokens(names)
+  masks = make_masks(names, {"a": [1, 1, 1, 1], "b": [1, 1, 1, 1]})
+  params = module.init(jax.random.PRNGKey(0), tokens, masks)["params"]
+  # Two projections (width DIM) and two self stages (width (M - 1) * DIM).
+  assert sorted(shape[-1] for shape in seen) == [DIM] * 4
+  x = np.asarray(tokens["b"])
+  n, width = x.shape[1:]
+  np.testing.assert_allclose(
+      original(tokens["b"]),
+      math.sqrt(width) * x + np.asarray(sinusoidal_positions(n, width)),
+      rtol=1e-6, atol=1e-6)
+  assert params["cross_a_to_b_0"]["mlp"]["dense_0"]["kernel"].shape == (
+      DIM, 4 * DIM)
+  assert params["self_b_0"]["mlp"]["dense_0"]["kernel"].shape == (DIM,
+                                                                  4 * DIM)
+  three = MulTFusion(dim=DIM, num_heads=2)
+  tokens3 = make_tokens("abc")
+  masks3 = make_masks("abc", {m: [1, 1, 1, 1] for m in "abc"})
+  shapes = jax.eval_shape(three.init, jax.random.PRNGKey(0), tokens3,
+                          masks3)["params"]
+  assert shapes["self_a_0"]["mlp"]["dense_0"]["kernel"].shape == (
+      2 * DIM, 8 * DIM)

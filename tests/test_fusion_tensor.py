@@ -131,6 +131,27 @@ def test_low_rank_equals_full_tensor_with_reconstructed_weights(names):
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_low_rank_factors_start_as_the_reference_xavier_normal():
+  """The authors' code draws each factor [rank, D_m + 1, out] with torch's
+  `xavier_normal_`: fan_in = (D_m + 1) * out, fan_out = rank * out, so
+  std = sqrt(2 / (fan_in + fan_out)); `fusion_weights` [1, rank] with fans
+  rank and 1."""
+  rank, width, out = 4, 48, 64
+  tokens = {"audio": jnp.ones((2, 1, width)), "image": jnp.ones((2, 1, width))}
+  masks = {m: jnp.ones(2, bool) for m in tokens}
+  params = init(LowRankTensorFusion(rank=rank, out_dim=out), tokens,
+                masks)["params"]
+  for m in tokens:
+    factor = np.asarray(params[f"factor_{m}"])
+    fan_in, fan_out = factor.shape[1] * out, rank * out
+    assert factor.shape[0] == rank and factor.shape[2] == out
+    np.testing.assert_allclose(factor.std(), np.sqrt(2 / (fan_in + fan_out)),
+                               rtol=0.03)
+    assert np.abs(factor).max() > 2.5 * factor.std()  # not truncated at 2 sd
+  weights = np.asarray(params["fusion_weights"])
+  assert weights.shape == (1, rank)
+
+
 def test_hybrid_starts_as_the_mean_of_intermediate_and_late():
   present = {"audio": np.array([True, False, False]),
              "image": np.array([True, True, False]),

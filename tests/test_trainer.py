@@ -1,7 +1,9 @@
 """Trainer pieces: config parsing, optimizer, sharded steps on 1 and 8 devices."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mmjax import configs, experiment, objectives, parallel, train
@@ -151,3 +153,43 @@ def test_batch_size_must_divide_devices():
   with pytest.raises(UsageError, match="'batch_size' is 12, not divisible by "
                      "the 8 devices"):
     parallel.check_batch_size(12, parallel.make_mesh(8))
+
+
+def test_logit_scale_is_clamped_after_the_step_and_keeps_its_gradient():
+  """open_clip clamps the parameter to [0, log 100] after every step; a
+  clamp in the forward pass would zero its gradient above 100 instead."""
+  config = configs.load_config("configs/av_contrastive.py:smoke")
+  tx, _ = experiment.build_optimizer(config)
+  params = {"log_scale": jnp.float32(4.7), "w": jnp.ones((2, 2))}
+  grads = {"log_scale": jnp.float32(-1.0), "w": jnp.zeros((2, 2))}
+  state = tx.init(params)
+  for _ in range(20):  # Adam pushes log_scale up by about lr per step
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(params["log_scale"], np.log(100.0), rtol=1e-6)
+  sigmoid = configs.apply_overrides(
+      configs.load_config("configs/av_contrastive.py:objective=sigmoid,smoke"),
+      ["optimizer.warmup_steps=0", "optimizer.schedule=constant"])
+  tx, _ = experiment.build_optimizer(sigmoid)  # SigLIP: no clamp
+  params = {"log_scale": jnp.float32(4.7)}
+  updates, _ = tx.update({"log_scale": jnp.float32(-1.0)}, tx.init(params),
+                         params)
+  assert float(params["log_scale"] + updates["log_scale"]) > 4.7
+
+
+def test_weight_decay_skips_biases_norm_scales_and_the_logit_scale():
+  config = configs.apply_overrides(
+      configs.load_config("configs/av_contrastive.py:smoke"),
+      ["optimizer.weight_decay=0.5", "optimizer.warmup_steps=0",
+       "optimizer.schedule=constant"])
+  tx, _ = experiment.build_optimizer(config)
+  params = {"log_scale": jnp.float32(1.0), "bias": jnp.float32(-10.0),
+            "tower_image": {"projection": {"kernel": jnp.ones((2, 2)),
+                                           "bias": jnp.ones(2)},
+                            "encoder": {"LayerNorm_0": {"scale": jnp.ones(2)}}}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+  assert moved["tower_image"]["projection"] == {"kernel": True, "bias": False}
+  assert not moved["log_scale"] and not moved["bias"]
+  assert not moved["tower_image"]["encoder"]["LayerNorm_0"]["scale"]

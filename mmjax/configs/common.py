@@ -66,9 +66,10 @@ def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
                  steps: int, smoke: bool, log_every: int = 50,
                  eval_batch_size: int = 500, checkpoint_every: int = 100):
   """The optimisation, parallelism, logging and checkpoint keys every config
-  shares: AdamW 1e-3 (weight decay 1e-4), cosine schedule with 20 warmup
-  steps, data-parallel over all devices, evaluation at the end. `smoke`
-  shortens the run to 40 steps (train, eval, checkpoint) for a quick check.
+  shares: AdamW 1e-3 (weight decay 1e-4, not on biases and norm scales),
+  cosine schedule with 20 warmup steps, data-parallel over all devices,
+  evaluation at the end. `smoke` shortens the run to 40 steps (train, eval,
+  checkpoint) for a quick check.
   """
   config.batch_size = batch_size
   config.total_steps = 40 if smoke else steps
@@ -76,6 +77,9 @@ def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4
+  # Parameters without weight decay, a regex over their paths: biases, norm
+  # scales, the logit scale and SigLIP's bias (as open_clip excludes them).
+  config.optimizer.no_decay = ".*(bias|scale)"
   config.optimizer.momentum = 0.9  # sgd only
   config.optimizer.warmup_steps = 5 if smoke else 20
   config.optimizer.schedule = "cosine"

@@ -31,6 +31,15 @@ def sinusoidal_positions(length: int, dim: int) -> jnp.ndarray:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)[:, :dim]
 
 
+def mult_input(x: jnp.ndarray) -> jnp.ndarray:
+  """MulT's transformer input: sqrt(D) * x + PE, x [B, N, D] (the reference
+  `TransformerEncoder.forward`: `embed_scale * x_in` plus the sinusoidal
+  positions, for queries and keys alike)."""
+  width = x.shape[-1]
+  return (math.sqrt(width) * x +
+          sinusoidal_positions(x.shape[1], width).astype(x.dtype))
+
+
 def _check_modalities(tokens, masks, minimum: int, name: str):
   names = sorted(tokens)
   if len(names) < minimum:
@@ -156,20 +165,28 @@ class MulTFusion(nn.Module):
   """Multimodal Transformer (MulT): [B, M * (M - 1) * dim].
 
   Tsai, Bai, Liang, Kolter, Morency, Salakhutdinov, "Multimodal Transformer
-  for Unaligned Multimodal Language Sequences", ACL 2019. Each modality's
-  tokens [B, N_m, D_m] are projected to `dim` by a bias-free 1D temporal
-  convolution of width `kernel_size` (1 in the authors' code, where it is a
-  per-token Dense layer), and sinusoidal position embeddings are added
-  (Z^[0] = X + PE). For every ordered pair (target m, source s != m) a
+  for Unaligned Multimodal Language Sequences", ACL 2019; reference code
+  yaohungt/Multimodal-Transformer (`MULTModel`, `TransformerEncoder`). Each
+  modality's tokens [B, N_m, D_m] are projected to `dim` by a bias-free 1D
+  temporal convolution of width `kernel_size` (1 in the authors' code, where
+  it is a per-token Dense layer). Every transformer stage starts as the
+  reference's does, from sqrt(width) * x plus sinusoidal position embeddings
+  (`mult_input`). For every ordered pair (target m, source s != m) a
   crossmodal transformer CM_{s->m} of `num_layers` pre-LN cross-attention
   `TransformerBlock`s lets the target's tokens query the source's tokens
   (layer-normed, as in the paper), with a final LayerNorm. The M - 1 outputs
   for target m are concatenated along features ([B, N_m, (M - 1) * dim]) and
   passed through a self-attention transformer of `self_layers` pre-LN blocks
-  (plus a final LayerNorm), then pooled by the mean over tokens (the paper
-  takes the last element; the mean does not depend on which end of the
-  sequence holds the data). The output concatenates the targets in sorted
-  order.
+  (its input again sqrt((M - 1) * dim) * x + PE; plus a final LayerNorm),
+  then pooled by the mean over tokens (the paper takes the last element; the
+  mean does not depend on which end of the sequence holds the data). The
+  output concatenates the targets in sorted order. The feed-forward of each
+  stage is 4x its width, as the reference's `fc1`, unless `mlp_dim` is set.
+
+  Kept from the rest of mmjax rather than the reference: GELU in the
+  feed-forward (the reference uses ReLU), positions counted from 0 with the
+  frequencies 10000^(-2i/D) (`sinusoidal_positions`; fairseq's counts from
+  1), and the mean pooling above.
 
   Masking: a missing source's keys are masked and its crossmodal residual
   updates are zero, so it contributes nothing to its targets; a missing
@@ -179,7 +196,7 @@ class MulTFusion(nn.Module):
   num_heads: int = 4
   num_layers: int = 1
   self_layers: int = 1
-  mlp_dim: int = 128
+  mlp_dim: int | None = None  # None: 4 x the stage's width
   dropout: float = 0.0
   kernel_size: int = 1
 
@@ -191,8 +208,7 @@ class MulTFusion(nn.Module):
     for m in names:
       x = nn.Conv(self.dim, (self.kernel_size,), padding="SAME",
                   use_bias=False, name=f"proj_{m}")(tokens[m])
-      x = x + sinusoidal_positions(x.shape[1], self.dim).astype(x.dtype)
-      embedded[m] = drop(x)
+      embedded[m] = drop(mult_input(x))
     outputs = []
     for m in names:
       streams = []
@@ -201,15 +217,17 @@ class MulTFusion(nn.Module):
           continue
         x = embedded[m]
         for i in range(self.num_layers):
-          x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
-                               name=f"cross_{s}_to_{m}_{i}")(
+          x = TransformerBlock(self.num_heads, self.mlp_dim or 4 * self.dim,
+                               self.dropout, name=f"cross_{s}_to_{m}_{i}")(
                                    x, embedded[s], masks[s], train=train)
         streams.append(nn.LayerNorm(epsilon=1e-6,
                                     name=f"cross_{s}_to_{m}_norm")(x))
       x = jnp.concatenate(streams, -1)  # [B, N_m, (M - 1) * dim]
+      if self.self_layers:
+        x = drop(mult_input(x))
       for i in range(self.self_layers):
-        x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
-                             name=f"self_{m}_{i}")(x, train=train)
+        x = TransformerBlock(self.num_heads, self.mlp_dim or 4 * x.shape[-1],
+                             self.dropout, name=f"self_{m}_{i}")(x, train=train)
       x = nn.LayerNorm(epsilon=1e-6, name=f"self_{m}_norm")(x)
       outputs.append(zero_masked(pool_tokens(x), masks[m]))
     return jnp.concatenate(outputs, -1)

@@ -31,9 +31,13 @@ class PerceiverResampler(nn.Module):
     latents = latents + FFW(latents)
     FFW = Dense(D) o GELU o Dense(mlp_dim) o LayerNorm
 
-  with separate LayerNorms for media (LN_x) and latents (LN_l), as in the
-  paper's pseudo-code, then a final LayerNorm. The output has a fixed number
-  of tokens whatever T and S are.
+  then a final LayerNorm. The paper's pseudo-code (its Figure 5) shows the
+  attention over concat(x, latents) without naming its normalisation; the
+  separate LayerNorms for media (LN_x) and latents (LN_l) follow the
+  reference implementations (lucidrains/flamingo-pytorch `PerceiverAttention`,
+  mlfoundations/open_flamingo `PerceiverAttention`: `norm_media`,
+  `norm_latents`). The output has a fixed number of tokens whatever T and S
+  are.
 
   Attributes:
     num_latents: L, the number of learned latent queries (output tokens).

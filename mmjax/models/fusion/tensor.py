@@ -90,9 +90,13 @@ class LowRankTensorFusion(nn.Module):
 
   equal to the full product contracted with
   W = sum_r w_r * (W_1[r] (x) ... (x) W_M[r]). As in the authors' reference
-  code, each factor `factor_<m>` is a parameter of shape
-  [rank, D_m + 1, out_dim] (Xavier normal), `fusion_weights` is [1, rank]
-  (Xavier normal) and `fusion_bias` [1, out_dim] (zeros).
+  code (Justin1904/Low-rank-Multimodal-Fusion `LMF`), each factor
+  `factor_<m>` is a parameter of shape [rank, D_m + 1, out_dim] drawn by
+  PyTorch's `xavier_normal_`, whose fans for a 3-D tensor are fan_in =
+  (D_m + 1) * out_dim and fan_out = rank * out_dim (dimension 1 and 0 times
+  the receptive field, the remaining dimension): std = sqrt(2 / (fan_in +
+  fan_out)). `fusion_weights` is [1, rank] (`xavier_normal_`: fans rank and
+  1) and `fusion_bias` [1, out_dim] (zeros).
 
   A missing modality has h_m set to zero and keeps its 1 (as in
   `TensorFusion`), so its factor contributes only its last row W_m[r, -1].
@@ -107,8 +111,10 @@ class LowRankTensorFusion(nn.Module):
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
     del train
-    factor_init = nn.initializers.xavier_normal(in_axis=-2, out_axis=-1,
-                                                batch_axis=(0,))
+    # torch's xavier_normal_: fan_in = shape[1] * rf, fan_out = shape[0] * rf,
+    # rf the product of the other dimensions (here out_dim); untruncated.
+    factor_init = nn.initializers.variance_scaling(1.0, "fan_avg", "normal",
+                                                   in_axis=1, out_axis=0)
     product = None
     for m in sorted(tokens):
       h = zero_masked(pool_tokens(tokens[m]), masks[m])
@@ -117,8 +123,8 @@ class LowRankTensorFusion(nn.Module):
                           (self.rank, z.shape[-1], self.out_dim))
       projected = jnp.einsum("bd,rdo->rbo", z, factor)  # [rank, B, out_dim]
       product = projected if product is None else product * projected
-    weights = self.param("fusion_weights", nn.initializers.xavier_normal(),
-                         (1, self.rank))
+    weights = self.param("fusion_weights", nn.initializers.variance_scaling(
+        1.0, "fan_avg", "normal", in_axis=1, out_axis=0), (1, self.rank))
     bias = self.param("fusion_bias", nn.initializers.zeros, (1, self.out_dim))
     return jnp.einsum("r,rbo->bo", weights[0], product) + bias
 
