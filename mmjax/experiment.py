@@ -289,10 +289,11 @@ class Experiment:
         parallel.batch_sharding(self.mesh), jax.process_index(),
         jax.process_count())
 
-  def train_iterator(self) -> pipeline.TrainIterator:
+  def train_iterator(self, seed: int | None = None) -> pipeline.TrainIterator:
+    """Training batches, shuffled with `seed` (default `config.seed`)."""
     return pipeline.TrainIterator(
         self.train_source, self.config, parallel.batch_sharding(self.mesh),
-        jax.process_index(), jax.process_count())
+        jax.process_index(), jax.process_count(), seed)
 
   def evaluate(self, state: TrainState) -> dict:
     """`eval/<dataset>/<evaluator>/<metric>` for every eval split and

@@ -139,7 +139,7 @@ def _train(config, workdir: str, start_time: float):
     flops_per_step = metric_writers.compiled_flops(compiled, run.mesh.size)
     peak = metric_writers.peak_flops(config.peak_flops)
     if step == 0:  # the method's look before the first step
-      state, row = method.after_step(0, state, run.predict)
+      state, row = method.after_step(0, state, run.predict, compiled)
       if row:
         writer.write(0, row)
 
@@ -156,7 +156,7 @@ def _train(config, workdir: str, start_time: float):
       interval_steps += 1
       accumulated = metrics if accumulated is None else jax.tree.map(
           jnp.add, accumulated, metrics)
-      state, row = method.after_step(step, state, run.predict)
+      state, row = method.after_step(step, state, run.predict, compiled)
       if row:
         writer.write(step, row)
       if step == first_step + 1:

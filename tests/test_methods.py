@@ -330,6 +330,9 @@ class FakeRun:
   def eval_batches(self, source):
     return experiment.Experiment.eval_batches(self, source)
 
+  def train_iterator(self, seed=None):
+    return experiment.Experiment.train_iterator(self, seed)
+
 
 def run_steps(config, steps=3, gblend_source=None):
   """A few jitted train steps on one batch: (losses, metrics, state, rows)."""
@@ -348,14 +351,14 @@ def run_steps(config, steps=3, gblend_source=None):
                  out_shardings=(shardings, None))
   predict = experiment.make_predict_fn(model)
   if gblend_source is not None:
-    state, _ = method.after_step(0, state, predict)
+    state, _ = method.after_step(0, state, predict, step)
   losses, rows = [], []
   for i in range(steps):
     state, metrics = step(state, parallel.put_batch(
         batch, parallel.batch_sharding(mesh)))
     losses.append(float(metrics["loss"]))
     if gblend_source is not None:
-      state, row = method.after_step(i + 1, state, predict)
+      state, row = method.after_step(i + 1, state, predict, step)
       rows.append(row)
   return losses, jax.device_get(metrics), state, rows
 
@@ -373,10 +376,13 @@ def test_ogm_ge_train_steps_are_finite():
     assert state.method_state == {}
 
 
-def test_gblend_train_steps_update_the_weights_in_the_state():
-  config = make_config("imbalance=gblend", eval_batch_size=8,
+@pytest.mark.parametrize("estimator", ["separate", "trajectory"])
+def test_gblend_train_steps_update_the_weights_in_the_state(estimator):
+  config = make_config("imbalance=gblend", eval_batch_size=8, batch_size=16,
                        **{"imbalance.gblend.num_examples": 12,
-                          "imbalance.gblend.every": 1})
+                          "imbalance.gblend.every": 1,
+                          "imbalance.gblend.estimate_steps": 2,
+                          "imbalance.gblend.estimator": estimator})
   rng = np.random.default_rng(3)
   source = [{"image": rng.integers(0, 255, (28, 28, 1), dtype=np.uint8),
              "audio": rng.integers(0, 255, (28, 28, 1), dtype=np.uint8),
@@ -393,6 +399,40 @@ def test_gblend_train_steps_update_the_weights_in_the_state():
       rows[0])
 
 
+def test_gblend_separate_estimate_trains_copies_and_keeps_the_model():
+  """The paper's estimate trains each head alone from a copy of the state;
+  the model itself is left as it was, only the weights change."""
+  config = make_config("imbalance=gblend", eval_batch_size=8, batch_size=16,
+                       **{"imbalance.gblend.num_examples": 12,
+                          "imbalance.gblend.estimate_steps": 3})
+  rng = np.random.default_rng(3)
+  source = [{"image": rng.integers(0, 255, (28, 28, 1), dtype=np.uint8),
+             "audio": rng.integers(0, 255, (28, 28, 1), dtype=np.uint8),
+             "label": np.int64(i % 10)} for i in range(20)]
+  mesh = parallel.make_mesh(1)
+  model = experiment.build_model(config)
+  tx, _ = experiment.build_optimizer(config)
+  batch = make_batch(16)
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  method = methods.build(config, FakeRun(config, mesh, source))
+  state, shardings = experiment.create_train_state(config, model, tx, spec,
+                                                   mesh, method)
+  step = jax.jit(train.make_train_step(
+      model, tx, objectives.make_objective(config.objective, mesh), method),
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+  before = jax.device_get(state.params)
+  new, row = method.after_step(0, state, experiment.make_predict_fn(model),
+                               step)
+  jax.tree.map(np.testing.assert_array_equal, before,
+               jax.device_get(new.params))
+  weights = np.asarray(new.method_state["weights"])
+  np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)
+  assert not np.allclose(weights, 1 / 3)  # estimated at step 0 already
+  # Each head's held-out loss fell when it trained alone (dG > 0 somewhere).
+  assert max(row[f"gblend/delta_g/{h}"] for h in method.heads) > 0
+
+
 def test_gblend_loss_is_the_weighted_sum_of_the_heads():
   batch = make_batch()
   weights = {"fused": 0.5, "audio": 0.2, "image": 0.3}
@@ -406,3 +446,16 @@ def test_gblend_loss_is_the_weighted_sum_of_the_heads():
   state = method.init_state()
   np.testing.assert_allclose(state["weights"], [1 / 3] * 3)
   assert set(method.loss_weights(state)) == {"fused", "audio", "image"}
+
+
+def test_ogm_ge_trains_with_the_papers_sgd_and_warns_under_adamw(capsys):
+  config = configs.load_config("configs/avmnist.py:imbalance=ogm_ge")
+  assert (config.optimizer.name, config.optimizer.momentum) == ("sgd", 0.9)
+  assert config.optimizer.weight_decay == 1e-4
+  assert configs.load_config("configs/avmnist.py").optimizer.name == "adamw"
+  methods.build(config, run=object())
+  assert "warning" not in capsys.readouterr().err
+  adam = make_config("imbalance=ogm_ge,optimizer=adamw")
+  methods.build(adam, run=object())
+  assert "warning: imbalance.method ogm_ge with optimizer.name 'adamw'" in (
+      capsys.readouterr().err)

@@ -141,7 +141,9 @@ BASE = ["--config", "configs/avmnist.py", "--workdir", "WORKDIR"]
      "error: grid axis 'config.batch_sise=8': unknown config key 'batch_sise'"),
     (BASE + ["--grid", "fusion=late colour=red"],
      "error: grid axis 'colour=red': unknown config argument 'colour'"),
-    (BASE + ["--grid", "seed=x"], "error: grid axis 'seed=x': ValueError"),
+    (BASE + ["--grid", "seed=x"],
+     "error: grid axis 'seed=x': config argument 'seed' takes int values, "
+     "got 'x'"),
     (BASE + ["--grid", "config.total_steps=10,20 "
              "config.optimizer.warmup_steps=5,15"],
      "error: grid point 'total_steps=10,optimizer.warmup_steps=15': config key "

@@ -48,8 +48,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       values[key] = True
     elif isinstance(default, bool):
       values[key] = parse_bool(key, value)
+    elif default is None:
+      values[key] = value
     else:
-      values[key] = type(default)(value) if default is not None else value
+      try:
+        values[key] = type(default)(value)
+      except ValueError:
+        raise UsageError(f"config argument '{key}' takes "
+                         f"{type(default).__name__} values, got "
+                         f"'{value}'") from None
   return ml_collections.ConfigDict(values)
 
 

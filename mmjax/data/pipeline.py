@@ -240,10 +240,11 @@ class TrainIterator:
   """Endless sharded training batches with a checkpointable position."""
 
   def __init__(self, source, config, sharding, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, seed: int | None = None):
+    """seed: the shuffle's seed (default `config.seed`)."""
     local_batch = config.batch_size // process_count
     ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = ds.seed(config.seed).shuffle().repeat()
+    ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
     ds = train_transforms(ds, config).batch(local_batch, drop_remainder=True)
     ds = ds.to_iter_dataset()
     if config.data_workers:

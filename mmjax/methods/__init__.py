@@ -15,9 +15,13 @@ its hooks are no-ops, so a method overrides only what it changes:
                                    what the model sowed (e.g. "fused",
                                    "features/<m>"); state: the TrainState
                                    before the update.
-  after_step(step, state, predict) -> (state, metrics row or None); on the
-                                   host after each step, and with step 0 before
-                                   the first step of a fresh run.
+  after_step(step, state, predict, train_step)
+                                -> (state, metrics row or None); on the host
+                                   after each step, and with step 0 before the
+                                   first step of a fresh run. predict: jitted
+                                   (state, batch) -> outputs; train_step: the
+                                   compiled (state, batch) -> (state, metrics),
+                                   which donates its state.
 
 The config names one method in `config.imbalance.method` ("none" when the
 config has no `imbalance`), "none", "ogm_ge", "gblend" or an import string
@@ -25,7 +29,8 @@ config has no `imbalance`), "none", "ogm_ge", "gblend" or an import string
 method defined outside mmjax reads `config.imbalance.options`, if the config
 has it). A method class takes `(config, options, run)`: `run` gives what a
 method may need of the run (`config`, `mesh`, `train_source`,
-`data_source(split)`, `eval_batches(source)`); `OPTIONS` holds its option
+`data_source(split)`, `eval_batches(source)`, `train_iterator(seed)`);
+`OPTIONS` holds its option
 defaults and `check(config, options)` its one-line config errors.
 
   none    plain training (`Method`).
@@ -63,8 +68,9 @@ class Method:
     del outputs, intermediates, batch, state, rng
     return grads, {}
 
-  def after_step(self, step: int, state, predict) -> tuple[object, dict | None]:
-    del step, predict
+  def after_step(self, step: int, state, predict, train_step
+                 ) -> tuple[object, dict | None]:
+    del step, predict, train_step
     return state, None
 
 

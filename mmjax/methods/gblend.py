@@ -9,8 +9,8 @@ modality (`model.unimodal_heads="aux"`), weights re-estimated online from
 each head's overfitting and generalisation on held-out data (`GBlend`).
 
 G-Blending, as followed here (heads k = fused, then each modality in sorted
-order; L^V on held-out data, L^T on training data, measured at steps N and
-N + n, n = `every`):
+order; L^V on held-out data, L^T on training data; N and N + n the start and
+end of an estimate, see `GBlend` for the two estimators):
 
   overfitting    O_N = L^V_N - L^T_N
   changes        dO_k = O_{N+n} - O_N,  dG_k = L^V_N - L^V_{N+n}
@@ -20,9 +20,12 @@ N + n, n = `every`):
                  overfitting-to-generalisation ratio is |dO / dG|)
   loss           sum_k w_k L_k (VMZ: audio_weight * L_a + visual_weight * L_v
                  + av_weight * L_av; its published example weights sum to 1)
-  online         the weights start uniform (1 / (M + 1)) and are re-estimated
-                 every `every` steps from the two latest measurements, the
-                 first measurement taken before the first step.
+  online         the paper's Algorithm 1: every super-epoch (`every` steps,
+                 the first before the first step) the weights for the next
+                 one are estimated by training each uni-modal model and the
+                 multi-modal model separately, from a copy of the current
+                 checkpoint, for `estimate_steps` steps (estimator
+                 "separate"); until then they are uniform (1 / (M + 1)).
 
   Guards (the estimate is noisy and the formula is undefined at dO = 0):
   a head whose held-out loss did not fall (dG_k <= 0) gets weight 0, since
@@ -33,12 +36,12 @@ N + n, n = `every`):
   overfitting-sized one the bare formula would give); if no head has
   dG_k > 0, or the losses are not finite, the previous weights stay.
 
-  Deviations. (1) The paper's Gradient-Blend estimate trains each uni-modal
-  model and the multi-modal model separately from the current checkpoint
-  for a super-epoch and reads dG, dO off those runs; online here, the heads
-  of the one jointly trained model are measured along its own trajectory
-  (no extra training), so the weights describe each head inside the blended
-  model. (2) The paper's V is a held-out part of the training set;
+  Deviations. (1) The separate runs are `estimate_steps` steps, not a
+  super-epoch, and each "uni-modal model" is the shared network trained on
+  its modality's auxiliary head alone (which reaches only that modality's
+  encoder and head); the cheaper estimator "trajectory" measures the heads
+  of the jointly trained model along its own trajectory instead (`GBlend`).
+  (2) The paper's V is a held-out part of the training set;
   `split` names the held-out split (default "val"; it only sets the
   weights) and `num_examples` a fixed random subset of it; L^T is measured
   in eval mode on a fixed random subset of the training split of the same
@@ -53,6 +56,7 @@ from mmjax.errors import UsageError
 from mmjax.evaluators.classification import classification
 from mmjax.methods import Method
 from mmjax.methods.ogm_ge import head_modalities
+
 
 def blend_weights(held_out_before, train_before, held_out_after, train_after,
                   min_overfit: float):
@@ -104,22 +108,39 @@ class GBlend(Method):
 
   The loss weights live in `TrainState.method_state` ("weights" [K], K = 1 +
   the number of modalities, fused first), with the last measurement's
-  losses; `after_step` measures every head's loss on a fixed held-out subset
-  and a fixed training subset every `every` steps and re-estimates them.
+  losses. Every `every` steps (a super-epoch, and at step 0) `after_step`
+  re-estimates them for the next super-epoch:
+
+    estimator "separate" (the paper's Algorithm 1, the default): for each
+      head k, a copy of the current train state (parameters and optimizer
+      state) trains `estimate_steps` steps on the loss of head k alone (the
+      uni-modal model of modality k, or the multi-modal model), on the same
+      training batches for every head; the held-out and training losses of
+      head k before and after give dG_k and dO_k. The copies are discarded.
+    estimator "trajectory" (cheaper, no extra training): the heads of the
+      jointly trained model are measured along its own trajectory, from the
+      previous measurement to this one. Since each head's weight shapes how
+      much it trains, a head weighted near 0 barely changes and keeps a small
+      weight: the estimate feeds back on itself.
 
   Options (`config.imbalance.gblend`): split (the held-out split, "val"),
-  num_examples (of it, and as many training examples: 1000), every (50) and
-  min_overfit (the floor of dO, 0.01).
+  num_examples (of it, and as many training examples: 1000), every (50),
+  min_overfit (the floor of dO, 0.01), estimator ("separate") and
+  estimate_steps (10).
   """
 
   OPTIONS = {"split": "val", "num_examples": 1000, "every": 50,
-             "min_overfit": 0.01}
+             "min_overfit": 0.01, "estimator": "separate",
+             "estimate_steps": 10}
+  ESTIMATORS = ("separate", "trajectory")
 
   def __init__(self, config, options, run=None):
     super().__init__(config, options, run)
     self.heads = ("fused", *head_modalities(config))
     self.every = self.options["every"]
     self.min_overfit = self.options["min_overfit"]
+    self.seed = config.seed
+    self.run = run
     if run is not None:  # measuring needs the data; the weights alone don't
       self.held_out = self._fixed_subset(
           run, run.data_source(self.options["split"]), config.seed)
@@ -140,7 +161,11 @@ class GBlend(Method):
     if heads != "aux":
       raise UsageError(f"config key 'imbalance.method': gblend needs "
                        f"model.unimodal_heads 'aux', got '{heads}'")
-    for key in ("every", "num_examples", "min_overfit"):
+    if options["estimator"] not in cls.ESTIMATORS:
+      raise UsageError(f"unknown imbalance.gblend.estimator "
+                       f"'{options['estimator']}' (known: "
+                       f"{', '.join(cls.ESTIMATORS)})")
+    for key in ("every", "num_examples", "min_overfit", "estimate_steps"):
       if options[key] <= 0:
         raise UsageError(f"config key 'imbalance.gblend.{key}' must be "
                          f"positive, got {options[key]}")
@@ -158,27 +183,47 @@ class GBlend(Method):
     return grads, {f"gblend/weight/{head}": weights[i]
                    for i, head in enumerate(self.heads)}
 
-  def losses(self, predict_fn, batches) -> np.ndarray:
+  def losses(self, predict, state, batches) -> np.ndarray:
     """Mean cross-entropy of every head over `batches`: [K] in `heads`
     order, each over the examples that have the head's modality."""
-    results = dict(classification(predict_fn, batches))
+    results = dict(classification(lambda b: predict(state, b), batches))
     return np.array([results["loss"]] + [results[f"unimodal/{m}/loss"]
                                          for m in self.heads[1:]])
 
-  def after_step(self, step, state, predict):
-    """Every `every` steps (and at step 0): measures at `state.step` and
-    re-estimates the weights from the previous measurement."""
+  def _trained_alone(self, state, head: int, step: int, train_step):
+    """A copy of `state` trained `estimate_steps` steps on head `head`'s
+    loss alone (the weights one-hot), on batches seeded by `step`."""
+    copy = jax.tree.map(jnp.copy, state)
+    weights = state.method_state["weights"]
+    one_hot = jax.device_put(np.eye(len(self.heads), dtype=np.float32)[head],
+                             weights.sharding)
+    copy = copy.replace(method_state={**copy.method_state,
+                                      "weights": one_hot})
+    data = self.run.train_iterator(seed=self.seed + 1 + step)
+    for _ in range(self.options["estimate_steps"]):
+      copy, _ = train_step(copy, next(data))
+    return copy
+
+  def after_step(self, step, state, predict, train_step):
+    """Every `every` steps (and at step 0): new weights for the next
+    super-epoch (class docstring)."""
     if step % self.every:
       return state, None
-    predict_fn = lambda batch: predict(state, batch)
-    held_out = self.losses(predict_fn, self.held_out)
-    train = self.losses(predict_fn, self.train)
+    held_out = self.losses(predict, state, self.held_out)
+    train = self.losses(predict, state, self.train)
     old = jax.device_get(state.method_state)
-    weights, row = old["weights"], {}
-    if old["measured_at"] >= 0:
-      new, delta_g, delta_o = blend_weights(
-          old["held_out_loss"], old["train_loss"], held_out, train,
-          self.min_overfit)
+    weights, row, estimate = old["weights"], {}, None
+    if self.options["estimator"] == "separate":
+      held_after, train_after = np.empty_like(held_out), np.empty_like(train)
+      for k in range(len(self.heads)):
+        alone = self._trained_alone(state, k, step, train_step)
+        held_after[k] = self.losses(predict, alone, self.held_out)[k]
+        train_after[k] = self.losses(predict, alone, self.train)[k]
+      estimate = (held_out, train, held_after, train_after)
+    elif old["measured_at"] >= 0:  # "trajectory": since the last measurement
+      estimate = (old["held_out_loss"], old["train_loss"], held_out, train)
+    if estimate is not None:
+      new, delta_g, delta_o = blend_weights(*estimate, self.min_overfit)
       weights = weights if new is None else new
       for i, head in enumerate(self.heads):
         row[f"gblend/delta_g/{head}"] = float(delta_g[i])

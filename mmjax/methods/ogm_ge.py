@@ -50,6 +50,7 @@ OGM-GE, as followed here (M modalities u, batch B_t at step t, K classes):
 """
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -207,9 +208,17 @@ class OgmGe(Method):
   OPTIONS = {"alpha": 0.1, "start_step": 0, "end_step": -1, "noise": True,
              "conv_only": False}
 
+  # Optimizers that divide by a running gradient scale (Adam's family).
+  ADAPTIVE = ("adamw", "adam")
+
   def __init__(self, config, options, run=None):
     super().__init__(config, options, run)
     self.modalities = head_modalities(config)
+    if run is not None and config.optimizer.name in self.ADAPTIVE:
+      print(f"warning: imbalance.method ogm_ge with optimizer.name "
+            f"'{config.optimizer.name}': the paper trains with SGD (momentum "
+            "0.9); an adaptive optimizer normalises away much of the "
+            "modulation", file=sys.stderr)
     # Scores from the unimodal heads, else from the decomposed linear head.
     self.decomposed = config.model.get("unimodal_heads", "none") == "none"
 
