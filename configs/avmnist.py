@@ -19,7 +19,11 @@ Arguments (comma list after the colon):
                optimizer, and its default with imbalance=ogm_ge).
   image=NAME    image encoder: lenet (default), resnet (ResNet-18 v1.5, width
                16, CIFAR stem) or vit (4 layers, width 64, 7x7 patches).
-  audio=NAME    audio encoder: lenet (default) or ast (4 layers, width 64).
+  audio=NAME    audio encoder: lenet (default) or ast (4 layers, width 64;
+               with `clean` its log-mel input is normalised by the training
+               set's mean and std, as AST does; its representation is the
+               mean of its [CLS] and distillation tokens, or with `grid` its
+               patch tokens).
   latents=N    fusion=perceiver: the resampler's number of latents (8).
   fusion_layer=N  fusion=bottleneck: the first of its 4 layers that
                exchanges through the bottleneck tokens (2; 0 = early, 4 =
@@ -71,8 +75,11 @@ SPECTROGRAM_LENET = {"name": "lenet", "features": 6, "extra_layers": 5}
 RESNET = {"name": "resnet", "depth": 18, "width": 16, "stem": "cifar"}
 VIT = {"name": "vit", "width": 64, "depth": 4, "mlp_dim": 128, "num_heads": 4,
        "patch_size": 7, "pool": "none"}
-AST = {"name": "ast", "width": 64, "depth": 4, "mlp_dim": 128, "num_heads": 4,
-       "pool": "none"}
+AST = {"name": "ast", "width": 64, "depth": 4, "mlp_dim": 128, "num_heads": 4}
+# AST normalises its input by (x - mean) / (2 std) with the training set's
+# log-mel statistics (Gong et al. 2021): `avmnist/clean` train through LOGMEL,
+# measured by `python tools/audio_norm_stats.py` (55,000 waveforms).
+AST_CLEAN_NORM = {"norm_mean": -69.51, "norm_std": 24.36}
 LOGMEL = {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
           "hop_length": 64, "n_mels": 64}
 
@@ -96,8 +103,12 @@ def get_config(arg=None):
   config.model.fusion = args.fusion
   image = {"lenet": dict(IMAGE_LENET, final_pool=not args.grid),
            "resnet": RESNET, "vit": VIT}.get(args.image)
+  # AST's own representation is the mean of its [CLS] and distillation
+  # tokens (pool "cls"); `grid` keeps its patch tokens for token fusions.
   audio = {"lenet": dict(SPECTROGRAM_LENET, final_pool=not args.grid),
-           "ast": AST}.get(args.audio)
+           "ast": dict(AST, pool="none" if args.grid else "cls",
+                       **(AST_CLEAN_NORM if args.clean else {}))
+           }.get(args.audio)
   if image is None or audio is None:
     raise UsageError(f"config arguments image={args.image}, audio={args.audio}:"
                      " known image encoders lenet, resnet, vit; audio lenet, ast")

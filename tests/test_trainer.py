@@ -193,3 +193,16 @@ def test_weight_decay_skips_biases_norm_scales_and_the_logit_scale():
   assert moved["tower_image"]["projection"] == {"kernel": True, "bias": False}
   assert not moved["log_scale"] and not moved["bias"]
   assert not moved["tower_image"]["encoder"]["LayerNorm_0"]["scale"]
+
+
+def test_ast_on_clean_audio_is_normalised_and_pools_its_own_tokens():
+  """AST's recipe normalises log-mel input with the training set's
+  statistics (tools/audio_norm_stats.py); (mean 0, std 0.5) is the identity
+  and left raw dB (about -70 +- 24) hundreds of times the position
+  embeddings."""
+  audio = configs.load_config("configs/avmnist.py:clean,audio=ast"
+                              ).model.encoders.audio
+  assert (audio.norm_mean, audio.norm_std) == (-69.51, 24.36)
+  assert audio.pool == "cls"
+  assert configs.load_config("configs/avmnist.py:clean,grid,audio=ast"
+                             ).model.encoders.audio.pool == "none"

@@ -1,9 +1,9 @@
 """The log-mel statistics that AST normalises its input with, per dataset.
 
-  python tools/audio_norm_stats.py [--dataset avmnist/clean] [--split train]
+  python tools/audio_norm_stats.py [--split train]
 
-Runs the config's log-mel front end (`configs/avmnist.py`'s LOGMEL) over
-every waveform of the split and prints JSON: the mean and the standard
+Runs the log-mel front end of `configs/avmnist.py:clean` (its LOGMEL) over
+every waveform of `avmnist/clean`'s split and prints JSON: the mean and the standard
 deviation of the log-mel dB values, the recipe of AST (Gong et al.,
 Interspeech 2021; YuanGongND/ast `src/get_norm_stats.py`, which averages
 per-batch means and standard deviations of the training features; here
@@ -28,7 +28,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dataset", default="avmnist/clean")
   parser.add_argument("--split", default="train")
   parser.add_argument("--batch", type=int, default=500)
   args = parser.parse_args()
@@ -50,7 +49,7 @@ def main():
     log_mel = np.asarray(apply(waves), np.float64)
     means.append(log_mel.mean())
     stds.append(log_mel.std(ddof=1))
-  print(json.dumps({"dataset": args.dataset, "split": args.split,
+  print(json.dumps({"dataset": config.dataset, "split": args.split,
                     "examples": len(source), "frontend": module.LOGMEL,
                     "mean": float(np.mean(means)),
                     "std": float(np.mean(stds))}))
