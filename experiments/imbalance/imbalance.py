@@ -29,7 +29,13 @@
 # - G-Blending (Wang, Tran and Feiszli, "What Makes Training Multi-modal
 #   Classification Networks Hard?", CVPR 2020) trains unimodal auxiliary
 #   heads next to the fused one and weights the losses by each head's
-#   generalisation over its overfitting, re-estimated online on held-out data.
+#   generalisation over its overfitting, re-estimated every super-epoch (50
+#   steps) as the paper's online algorithm does: each head trained alone for
+#   10 steps from a copy of the model, measured on held-out data.
+#
+# All three runs use OGM-GE's optimizer, SGD with momentum 0.9 (learning
+# rate 0.01, weight decay 1e-4), so that the methods differ only in
+# themselves.
 #
 # Unimodal accuracy: the linear probe heads (behind stop_gradient, so they
 # measure without changing the encoders) for plain training and OGM-GE; for
