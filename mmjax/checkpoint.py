@@ -225,7 +225,7 @@ class Checkpointer:
           f"{self.directory} holds checkpoints of a different model: "
           f"{problem}; use another --workdir")
 
-  def _restore_step(self, step: int, abstract_state, target):
+  def _restore_step(self, step: int, target):
     # A checkpoint that is not what it should be raises here (any exception:
     # the caller tries an older step); a different model is a UsageError.
     handler = ocp.StandardCheckpointHandler()
@@ -235,20 +235,31 @@ class Checkpointer:
       handler.close()
     renames = self._renames(stored_tree, target)
     self._check_fits(step, stored_tree, target, renames)
-    if renames:
-      fields = _pytree_fields(target)
-      item = {renames.get(f, f): getattr(target, f) for f in fields}
-    else:
-      item = target
+    # Restored in the stored tree's own structure, which may differ from the
+    # target's where no array lives (an optimizer state that optax.masked
+    # now wraps, a field that was renamed), each array in the shape, dtype
+    # and sharding of the target's array at the same path; then placed into
+    # the target's structure by path.
+    back = {old: new for new, old in renames.items()}
+
+    def renamed(path) -> str:
+      head, dot, rest = ".".join(_key_name(k) for k in path).partition(".")
+      return back.get(head, head) + dot + rest
+
+    paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+    wanted = {".".join(_key_name(k) for k in path): leaf
+              for path, leaf in paths}
+    item = jax.tree_util.tree_map_with_path(
+        lambda path, _: wanted[renamed(path)], stored_tree)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(item),
         data=ocp.args.JsonRestore()))
     state, data_state = restored["state"], restored["data"]
     if data_state is None:
       raise ValueError("the data iterator state is missing")
-    if renames:
-      state = abstract_state.replace(
-          **{f: state[renames.get(f, f)] for f in fields})
+    arrays = {renamed(path): leaf for path, leaf in
+              jax.tree_util.tree_flatten_with_path(state)[0]}
+    state = jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in wanted])
     return state, data_state
 
   def restore(self, abstract_state, step: int | None = None):
@@ -265,7 +276,7 @@ class Checkpointer:
     failed = {}
     for s in steps:
       try:
-        state, data_state = self._restore_step(s, abstract_state, target)
+        state, data_state = self._restore_step(s, target)
       except UsageError:
         raise
       except Exception as e:  # pylint: disable=broad-exception-caught

@@ -129,20 +129,22 @@ OPTIMIZERS = {
 MAX_LOG_SCALE = math.log(100.0)
 
 
-def clamp_parameters(bounds: dict) -> optax.GradientTransformation:
-  """The last step of an optimizer: updates that keep each top-level
-  parameter named in `bounds` ({name: (low, high)}) inside its bounds after
-  the update, as CLIP clamps its logit scale after each step (open_clip
-  `main.py`: `logit_scale.clamp_(0, math.log(100))`); others unchanged."""
+def clamp_parameters(tx: optax.GradientTransformation,
+                     bounds: dict) -> optax.GradientTransformation:
+  """`tx`, with its updates adjusted so that each top-level parameter named
+  in `bounds` ({name: (low, high)}) stays inside its bounds after the
+  update, as CLIP clamps its logit scale after each step (open_clip
+  `main.py`: `logit_scale.clamp_(0, math.log(100))`). The optimizer state is
+  `tx`'s own, so checkpoints keep their layout."""
   def update(updates, state, params):
+    updates, state = tx.update(updates, state, params)
     updates = dict(updates)
     for name, (low, high) in bounds.items():
       if name in params:
         updates[name] = jnp.clip(params[name] + updates[name], low,
                                  high) - params[name]
     return updates, state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(),
-                                      update)
+  return optax.GradientTransformation(tx.init, update)
 
 
 def decay_mask(pattern: str):
@@ -177,7 +179,7 @@ def build_optimizer(config):
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
                                labels)
   if config.objective == "softmax":
-    tx = optax.chain(tx, clamp_parameters({"log_scale": (0.0, MAX_LOG_SCALE)}))
+    tx = clamp_parameters(tx, {"log_scale": (0.0, MAX_LOG_SCALE)})
   return tx, schedule
 
 

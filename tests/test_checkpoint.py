@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -324,3 +325,24 @@ def test_one_line_drops_tensorstore_specs():
   assert checkpoint.one_line(e) == "ValueError: DATA_LOSS: bad manifest"
   assert checkpoint.one_line(KeyError()) == "KeyError"
   assert len(checkpoint.one_line(ValueError("x" * 1000))) < 220
+
+
+def test_an_optimizer_state_that_gained_empty_nodes_still_restores(tmp_path):
+  """AdamW's weight decay behind `optax.masked` wraps an empty state: the
+  arrays are the same, the tree is not; checkpoints written before restore
+  by path."""
+  params = {"dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.ones(4)}}
+  plain, masked = optax.adamw(1e-3), optax.adamw(1e-3, mask=lambda p: {
+      "dense": {"kernel": True, "bias": False}})
+  old = State(jnp.int32(7), params, plain.init(params))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(7, old, {"position": 7})
+  ckpt.close()
+  new = State(jnp.int32(0), params, masked.init(params))
+  restored, data = checkpoint.Checkpointer(str(tmp_path)).restore(new)
+  assert data == {"position": 7} and int(restored.step) == 7
+  assert (jax.tree_util.tree_structure(restored) ==
+          jax.tree_util.tree_structure(new))
+  for a, b in zip(jax.tree.leaves(restored.opt_state),
+                  jax.tree.leaves(old.opt_state)):
+    np.testing.assert_array_equal(a, b)

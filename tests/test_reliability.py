@@ -2,6 +2,7 @@
 `error:` line and exit status 2, found before the first step, and the run's
 checkpoints are left byte for byte as they were."""
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -142,22 +143,29 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(
   assert digest(run_copy / "checkpoints" / "10") == broken
 
 
-def test_a_second_run_on_a_live_workdir_is_refused(tmp_path, avmnist_data_dir,
-                                                   capsys):
-  workdir = tmp_path / "run"
+@contextlib.contextmanager
+def live_run(workdir):
+  """Another process holding `workdir`'s run lock; yields its pid."""
   holder = subprocess.Popen(
       [sys.executable, "-c",
-       "import sys, time\nfrom mmjax import rundir\n"
+       "import time\nfrom mmjax import rundir\n"
        f"with rundir.RunLock({str(workdir)!r}):\n"
-       "  print('held', flush=True)\n  time.sleep(60)\n"],
+       "  print('held', flush=True)\n  time.sleep(300)\n"],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
-    one_error(capsys, train.main(argv(workdir, avmnist_data_dir)),
-              f"is in use by another run (pid {holder.pid})")
+    yield holder.pid
   finally:
     holder.kill()
     holder.wait()
+
+
+def test_a_second_run_on_a_live_workdir_is_refused(tmp_path, avmnist_data_dir,
+                                                   capsys):
+  workdir = tmp_path / "run"
+  with live_run(workdir) as pid:
+    one_error(capsys, train.main(argv(workdir, avmnist_data_dir)),
+              f"is in use by another run (pid {pid})")
   assert not (workdir / "checkpoints").exists()
 
 
@@ -195,24 +203,14 @@ def test_a_missing_pretrained_package_is_one_line(tmp_path, capsys):
 def test_the_sweep_does_not_start_a_point_that_a_live_run_holds(
     tmp_path, avmnist_data_dir):
   point = tmp_path / "sweep" / "seed=0"
-  holder = subprocess.Popen(
-      [sys.executable, "-c",
-       "import time\nfrom mmjax import rundir\n"
-       f"with rundir.RunLock({str(point)!r}):\n"
-       "  print('held', flush=True)\n  time.sleep(120)\n"],
-      cwd=REPO, stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline().strip() == "held"
+  with live_run(point) as pid:
     result = subprocess.run(
         [sys.executable, "-m", "mmjax.sweep", "--config", CONFIG,
          "--workdir", str(tmp_path / "sweep"), "--grid", "seed=0",
          f"--config.data_dir={avmnist_data_dir}", *TINY],
         cwd=REPO, capture_output=True, text=True, timeout=300)
-  finally:
-    holder.kill()
-    holder.wait()
   assert result.returncode == 1, result.stdout + result.stderr
   (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())
   assert row["status"] == "failed"
-  assert f"is in use by another run (pid {holder.pid})" in row["error"]
+  assert f"is in use by another run (pid {pid})" in row["error"]
   assert not (point / "checkpoints").exists()

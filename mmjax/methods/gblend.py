@@ -140,6 +140,7 @@ class GBlend(Method):
     self.every = self.options["every"]
     self.min_overfit = self.options["min_overfit"]
     self.seed = config.seed
+    self.total_steps = config.total_steps
     self.run = run
     if run is not None:  # measuring needs the data; the weights alone don't
       self.held_out = self._fixed_subset(
@@ -206,8 +207,8 @@ class GBlend(Method):
 
   def after_step(self, step, state, predict, train_step):
     """Every `every` steps (and at step 0): new weights for the next
-    super-epoch (class docstring)."""
-    if step % self.every:
+    super-epoch (class docstring); none after the last step."""
+    if step % self.every or step >= self.total_steps:
       return state, None
     held_out = self.losses(predict, state, self.held_out)
     train = self.losses(predict, state, self.train)
