@@ -12,9 +12,11 @@ same command is rerun until it exits 0, and the final checkpoint (params,
 batch statistics, optimizer state, RNG, step) must equal the reference's bit
 for bit, with exactly one final metrics row.
 
-Sweep: a 2-point `mmjax.sweep` (seeds 0 and 1 of the same recipe) stopped
-with SIGINT (Ctrl-C) at a random moment, then rerun; every point's final
-checkpoint must equal its uninterrupted reference.
+Sweep: a 2-point `mmjax.sweep` (seeds 0 and 1 of the same recipe), first
+once uninterrupted and timed (its points must equal the reference runs),
+then per trial stopped with SIGINT (Ctrl-C) after a delay drawn uniformly
+from [0, that sweep's wall time], and rerun; every point's final checkpoint
+must equal its uninterrupted reference.
 
 Prints one JSON line per trial and a summary line; exit status 1 if any
 trial differs. Uses the `avmnist` dataset under $TFDS_DATA_DIR (built on
@@ -100,6 +102,8 @@ def main():
   parser.add_argument("--sweep-trials", type=int, default=10)
   parser.add_argument("--workdir", default="/tmp/kill_and_resume")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--skip-train", action="store_true",
+                      help="only the sweep trials")
   args = parser.parse_args()
   rng = random.Random(args.seed)
   root = pathlib.Path(args.workdir)
@@ -115,7 +119,7 @@ def main():
     references[seed] = final_state(root / f"reference_{seed}")
   print(json.dumps({"reference_wall_time_s": round(wall, 1)}), flush=True)
 
-  for trial in range(args.trials):
+  for trial in range(0 if args.skip_train else args.trials):
     workdir = root / f"train_{trial}"
     what = killed(train_command(workdir), rng.uniform(0, wall), signal.SIGKILL)
     reruns = run_to_completion(train_command(workdir))
@@ -125,9 +129,17 @@ def main():
                       "reruns": reruns, "identical": ok}), flush=True)
     shutil.rmtree(workdir)
 
+  start = time.time()
+  run_to_completion(sweep_command(root / "sweep_reference"))
+  sweep_wall = time.time() - start
+  ok = all(same(final_state(root / "sweep_reference" / f"seed={s}"),
+                references[s]) for s in (0, 1))
+  failures += not ok
+  print(json.dumps({"sweep_wall_time_s": round(sweep_wall, 1),
+                    "identical_to_the_runs": ok}), flush=True)
   for trial in range(args.sweep_trials):
     workdir = root / f"sweep_{trial}"
-    what = killed(sweep_command(workdir), rng.uniform(0, 2 * wall),
+    what = killed(sweep_command(workdir), rng.uniform(0, sweep_wall),
                   signal.SIGINT)
     reruns = run_to_completion(sweep_command(workdir))
     ok = all(same(final_state(workdir / f"seed={s}"), references[s]) and
@@ -137,7 +149,7 @@ def main():
                       "reruns": reruns, "identical": ok}), flush=True)
     shutil.rmtree(workdir)
 
-  total = args.trials + args.sweep_trials
+  total = (0 if args.skip_train else args.trials) + args.sweep_trials
   print(json.dumps({"trials": total, "identical": total - failures,
                     "differ": failures}), flush=True)
   return 1 if failures else 0
