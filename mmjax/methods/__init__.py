@@ -23,15 +23,15 @@ its hooks are no-ops, so a method overrides only what it changes:
                                    compiled (state, batch) -> (state, metrics),
                                    which donates its state.
 
-The config names one method in `config.imbalance.method` ("none" when the
-config has no `imbalance`), "none", "ogm_ge", "gblend" or an import string
-`package.module:Class`; its options live in `config.imbalance.<method>` (a
+The config names one method in `config.imbalance.method`: "none" (also when
+the config has no `imbalance`), "ogm_ge", "gblend" or an import string
+`package.module:Class`. Its options live in `config.imbalance.<method>` (a
 method defined outside mmjax reads `config.imbalance.options`, if the config
 has it). A method class takes `(config, options, run)`: `run` gives what a
 method may need of the run (`config`, `mesh`, `train_source`,
 `data_source(split)`, `eval_batches(source)`, `train_iterator(seed)`);
-`OPTIONS` holds its option
-defaults and `check(config, options)` its one-line config errors.
+`OPTIONS` holds its option defaults and `check(config, options)` its
+one-line config errors.
 
   none    plain training (`Method`).
   ogm_ge  OGM-GE, Peng et al., CVPR 2022 (`ogm_ge.OgmGe`).
