@@ -100,11 +100,24 @@ def _key_name(key) -> str:
   return str(key)
 
 
+def path_name(path) -> str:
+  """A jax key path as orbax names it: "params.dense.kernel"."""
+  return ".".join(_key_name(k) for k in path)
+
+
+def renamed(name: str, renames: dict) -> str:
+  """A stored leaf's name with its legacy field renamed to the target's
+  (`renames`: {target field: stored field})."""
+  back = {old: new for new, old in renames.items()}
+  head, dot, rest = name.partition(".")
+  return back.get(head, head) + dot + rest
+
+
 def flat_shapes(tree) -> dict[str, tuple | None]:
   """{"params.dense.kernel": shape} for each leaf, named as orbax names them
   (dataclass fields, dict keys and sequence indices joined with dots)."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {".".join(_key_name(k) for k in path):
+  return {path_name(path):
           None if getattr(leaf, "shape", None) is None else tuple(leaf.shape)
           for path, leaf in leaves}
 
@@ -199,11 +212,8 @@ class Checkpointer:
 
   def _check_fits(self, step: int, stored_tree, target, renames: dict):
     """UsageError unless the stored tree has the target's paths and shapes."""
-    back = {old: new for new, old in renames.items()}
-    stored = {}
-    for path, shape in flat_shapes(stored_tree).items():
-      head, dot, rest = path.partition(".")
-      stored[back.get(head, head) + dot + rest] = shape
+    stored = {renamed(name, renames): shape
+              for name, shape in flat_shapes(stored_tree).items()}
     expected = flat_shapes(target)
     problem = None
     for path, shape in expected.items():
@@ -240,24 +250,18 @@ class Checkpointer:
     # now wraps, a field that was renamed), each array in the shape, dtype
     # and sharding of the target's array at the same path; then placed into
     # the target's structure by path.
-    back = {old: new for new, old in renames.items()}
-
-    def renamed(path) -> str:
-      head, dot, rest = ".".join(_key_name(k) for k in path).partition(".")
-      return back.get(head, head) + dot + rest
-
     paths, treedef = jax.tree_util.tree_flatten_with_path(target)
-    wanted = {".".join(_key_name(k) for k in path): leaf
-              for path, leaf in paths}
+    wanted = {path_name(path): leaf for path, leaf in paths}
     item = jax.tree_util.tree_map_with_path(
-        lambda path, _: wanted[renamed(path)], stored_tree)
+        lambda path, _: wanted[renamed(path_name(path), renames)],
+        stored_tree)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(item),
         data=ocp.args.JsonRestore()))
     state, data_state = restored["state"], restored["data"]
     if data_state is None:
       raise ValueError("the data iterator state is missing")
-    arrays = {renamed(path): leaf for path, leaf in
+    arrays = {renamed(path_name(path), renames): leaf for path, leaf in
               jax.tree_util.tree_flatten_with_path(state)[0]}
     state = jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in wanted])
     return state, data_state
