@@ -10,6 +10,7 @@ from flax import traverse_util
 from mmjax.errors import UsageError
 from mmjax.evaluators.classification import majority_vote
 from mmjax.models.encoders import LeNet, LogMelSpectrogram
+from mmjax.models.encoders.image import max_pool_2x2
 from mmjax.models.factory import build_classifier
 from mmjax.models.fusion import FUSIONS, ConcatFusion
 from mmjax.models.layers import MLP
@@ -55,6 +56,16 @@ def test_lenet_recipe_shapes():
   out = grid.apply(grid.init(jax.random.key(0), jnp.zeros((2, 28, 28)),
                              train=False), jnp.zeros((2, 28, 28)), train=False)
   assert out.shape == (2, 9, 48)
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28, 6), (2, 7, 7, 3), (1, 3, 6, 2)])
+def test_max_pool_2x2_matches_reduce_window(shape):
+  # Values and gradients of flax's reduce_window pooling, odd sides floored.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+  square_sum = lambda pool: jax.grad(lambda x: (pool(x) ** 2).sum())(x)
+  np.testing.assert_array_equal(square_sum(max_pool_2x2), square_sum(reference))
 
 
 # The fusion contract runs over every fusion (test_fusion_contract.py); here

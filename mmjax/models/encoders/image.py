@@ -2,7 +2,19 @@
 
 import flax.linen as nn
 import jax.numpy as jnp
-from einops import rearrange
+from einops import rearrange, reduce
+
+
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """2x2 max pooling, stride 2, VALID (an odd last row or column is dropped).
+
+  [B, H, W, C] -> [B, H // 2, W // 2, C]. The same values as
+  `nn.max_pool(x, (2, 2), strides=(2, 2))`, written as a reshape and a max:
+  XLA's CPU backward of `reduce_window` (select-and-scatter) was 27% of
+  the AV-MNIST spectrogram LeNet's train step (benchmarks/README.md).
+  """
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  return reduce(x[:, :h, :w], "b (h 2) (w 2) c -> b h w c", "max")
 
 
 class LeNet(nn.Module):
@@ -39,7 +51,7 @@ class LeNet(nn.Module):
                        name=f"bn_{i}")(x)
       x = nn.relu(x)
       if i < self.extra_layers or self.final_pool:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     if x.shape[1] == 0 or x.shape[2] == 0:
       raise ValueError(f"LeNet with {self.extra_layers + 1} poolings needs an "
                        f"input of at least {2**(self.extra_layers + 1)} pixels "
