@@ -131,7 +131,8 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
   `error: <message>` on stderr, 2. An exception type in `errors` prints its
   message the same way and returns its status. KeyboardInterrupt (SIGINT,
   also when the process was started with SIGINT ignored, as a shell does for
-  a background job): 130.
+  a background job): 130. JAX's persistent compilation cache is on
+  (`mmjax.hardware.enable_compilation_cache`).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--help" in argv or "-h" in argv:
@@ -139,6 +140,8 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
     return 0
   signal.signal(signal.SIGINT, signal.default_int_handler)
   quiet_libraries()
+  from mmjax import hardware  # pylint: disable=import-outside-toplevel
+  hardware.enable_compilation_cache()
   errors = {UsageError: 2, **(errors or {})}
   try:
     return run(argv) or 0

@@ -14,28 +14,6 @@ from tensorboardX import SummaryWriter
 
 from mmjax import results
 
-# Peak dense FLOP/s per device, for MFU. CPU: fp32 matrix multiply measured
-# on the 2-core development machine (AVX-512), for the whole host; the
-# accelerator figures are the vendors' dense bf16 peaks.
-PEAK_FLOPS = {
-    "cpu": 185e9,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-}
-
-
-def peak_flops(override: float = 0.0) -> float:
-  """Peak FLOP/s of all devices together (`override` if non-zero)."""
-  if override:
-    return override
-  devices = jax.devices()
-  if devices[0].platform == "cpu":
-    return PEAK_FLOPS["cpu"]
-  return PEAK_FLOPS.get(devices[0].device_kind, float("nan")) * len(devices)
-
-
 def compiled_flops(compiled, num_devices: int) -> float:
   """FLOPs of one call of a compiled jax function over all `num_devices`.
 

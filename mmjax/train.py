@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import (checkpoint, cli, experiment, methods, metric_writers,
-                   objectives, parallel, rundir)
+from mmjax import (checkpoint, cli, experiment, hardware, methods,
+                   metric_writers, objectives, parallel, rundir)
 from mmjax.experiment import TrainState
 
 
@@ -137,7 +137,7 @@ def _train(config, workdir: str, start_time: float):
     batch = next(data)
     compiled = step_fn.lower(state, batch).compile()
     flops_per_step = metric_writers.compiled_flops(compiled, run.mesh.size)
-    peak = metric_writers.peak_flops(config.peak_flops)
+    peak = hardware.peak_flops(config.peak_flops)
     if step == 0:  # the method's look before the first step
       state, row = method.after_step(0, state, run.predict, compiled)
       if row:

@@ -2,10 +2,15 @@
 one small AV-MNIST build shared by the tests that train on it."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The measured CPU peak and the compilation cache of every run the tests
+# start (in-process or as subprocesses), kept out of the user's cache.
+os.environ.setdefault("MMJAX_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="mmjax-test-cache-"))
 
 import numpy as np  # noqa: E402  (after the XLA flags)
 import pytest  # noqa: E402
