@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mmjax.models.layers import pool_tokens
 from mmjax.models.multimodal import modality_input
+from mmjax.models.precision import Dtype, to_compute, to_float32
 
 # Initial (log scale, bias) per objective: CLIP's temperature 0.07 (Radford
 # et al. 2021); SigLIP's scale 10 and bias -10 (Zhai et al. 2023).
@@ -32,11 +33,17 @@ class Tower(nn.Module):
     frontend: optional module applied before the encoder ("frontend"), e.g.
       waveform [B, T] -> log-mel [B, F, T'].
     locked: stop gradients at the encoder's output.
+    dtype: the compute dtype: the (front end's) input is cast to it and the
+      projection computes in it; the embedding is normalised and returned
+      in float32 whatever `dtype` is.
+    param_dtype: the dtype of the projection's parameters.
   """
   encoder: nn.Module
   embed_dim: int
   frontend: nn.Module | None = None
   locked: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool,
@@ -45,10 +52,13 @@ class Tower(nn.Module):
     x = x.reshape((-1,) + x.shape[len(lead):])
     if self.frontend is not None:  # attached by field name: "frontend"
       x = self.frontend(x)
-    tokens = self.encoder(x, train=train)  # attached as "encoder"
+    tokens = self.encoder(to_compute(x, self.dtype),
+                          train=train)  # attached as "encoder"
     if self.locked:  # no backward pass through a frozen encoder
       tokens = jax.lax.stop_gradient(tokens)
-    z = nn.Dense(self.embed_dim, name="projection")(pool_tokens(tokens))
+    z = to_float32(nn.Dense(self.embed_dim, dtype=self.dtype,
+                            param_dtype=self.param_dtype,
+                            name="projection")(pool_tokens(tokens)))
     z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
     return z.reshape(lead + (self.embed_dim,))
 
@@ -89,6 +99,12 @@ class ContrastiveModel(nn.Module):
 
   Only the towers of modalities present in the batch run (e.g. the text
   tower alone to embed class prompts).
+
+  Precision: `dtype` is the compute dtype of the towers (their inputs are
+  cast to it, the encoders are built with it by `mmjax.models.factory`);
+  every output (embeddings, log scale, bias) is float32, so the contrastive
+  losses are computed in float32. `param_dtype` is the dtype of the
+  parameters created here (projections, log scale, bias).
   """
   modalities: Sequence[str]
   encoders: Mapping[str, nn.Module]
@@ -96,20 +112,24 @@ class ContrastiveModel(nn.Module):
   objective: str = "softmax"
   locked: Sequence[str] = ()
   frontends: Mapping[str, nn.Module] | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False) -> dict:
     log_scale, bias = INITIAL_LOGIT_PARAMS[self.objective]
     out = {"log_scale": self.param("log_scale", nn.initializers.constant(
-               log_scale), ()),
-           "bias": self.param("bias", nn.initializers.constant(bias), ())}
+               log_scale), (), self.param_dtype),
+           "bias": self.param("bias", nn.initializers.constant(bias), (),
+                              self.param_dtype)}
     frontends = self.frontends or {}
     for m in self.modalities:
       if m not in batch:
         continue
       tower = Tower(_detached(self.encoders[m]), self.embed_dim,
                     frontend=_detached(frontends.get(m)),
-                    locked=m in self.locked, name=f"tower_{m}")
+                    locked=m in self.locked, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"tower_{m}")
       out[f"embedding/{m}"] = tower(modality_input(batch, m), train=train,
                                     multi_item=f"valid/{m}" in batch)
-    return out
+    return to_float32(out)

@@ -1,23 +1,185 @@
-"""Small layers shared by every model."""
+"""Small layers shared by every model, attention with a float32 softmax, and
+rematerialisation of blocks by policy name.
 
+Every module here takes `dtype` (compute) and `param_dtype` (storage) as
+flax.linen's layers do (`mmjax.models.precision`); the defaults, float32,
+compute exactly what the modules computed before they had them.
+"""
+
+import functools
+import inspect
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from mmjax.models.precision import Dtype
+
+# --------------------------------------------------------------- remat ---
+
+NO_REMAT = "none"
+
+
+def _is_policy(fn) -> bool:
+  """A `jax.checkpoint_policies` entry that is itself a policy (a function
+  of a primitive and its parameters), not a factory that builds one
+  (`save_only_these_names(...)`): policies accept any keyword parameters."""
+  try:
+    parameters = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+# Policy names `config.remat` may hold: "none" (no rematerialisation) or a
+# policy of `jax.checkpoint_policies`, e.g. "nothing_saveable" (save only
+# each block's inputs, recompute the rest in the backward pass),
+# "dots_saveable", "dots_with_no_batch_dims_saveable".
+REMAT_POLICIES = (NO_REMAT,) + tuple(
+    name for name in sorted(dir(jax.checkpoint_policies))
+    if not name.startswith("_")
+    and _is_policy(getattr(jax.checkpoint_policies, name)))
+
+
+def checkpoint_policy(name: str):
+  """The `jax.checkpoint_policies` function of a `REMAT_POLICIES` name
+  (None for "none"); ValueError for any other name."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r} (known: "
+                     f"{', '.join(REMAT_POLICIES)})")
+  return None if name == NO_REMAT else getattr(jax.checkpoint_policies, name)
+
+
+@functools.cache
+def remat(cls: type[nn.Module], policy: str = NO_REMAT) -> type[nn.Module]:
+  """`cls`, or with a policy its rematerialised form: `nn.remat(cls)`.
+
+  The returned class has `cls`'s fields and call signature, and an instance
+  built with the same `name` has the same parameter tree, so checkpoints of
+  either load into the other. Under `jax.grad` its `__call__` saves only
+  what `policy` (a `REMAT_POLICIES` name) allows and recomputes the rest in
+  the backward pass: less memory, about one more forward pass of compute.
+  Outputs and gradients are those of `cls` (up to float rounding).
+
+  Every argument of a call is traced by `jax.checkpoint` except `train`,
+  which is static (it chooses Python branches: dropout on or off); so
+  `train` must be a positional-or-keyword parameter of `cls.__call__`.
+  Arrays and None pass as they are, positionally or by keyword.
+  """
+  jax_policy = checkpoint_policy(policy)
+  if jax_policy is None:
+    return cls
+  signature = inspect.signature(cls.__call__)
+  names = list(signature.parameters)  # "self" first, as static_argnums counts
+  static = tuple(i for i, n in enumerate(names) if n == "train")
+  if "train" in names and not static or (
+      static and signature.parameters["train"].kind
+      is inspect.Parameter.KEYWORD_ONLY):
+    raise TypeError(f"{cls.__name__}.__call__ must take `train` as a "
+                    "positional-or-keyword parameter to be rematerialised")
+  lifted = nn.remat(cls, policy=jax_policy, static_argnums=static)
+
+  class Rematerialised(lifted):  # pylint: disable=missing-class-docstring
+    __doc__ = cls.__doc__
+
+    def __call__(self, *args, **kwargs):
+      # Every positional-or-keyword argument by position, so that `train`
+      # reaches nn.remat's static_argnums whichever way it was passed.
+      bound = signature.bind(self, *args, **kwargs)
+      bound.apply_defaults()
+      return super().__call__(*bound.args[1:], **bound.kwargs)
+
+  Rematerialised.__name__ = Rematerialised.__qualname__ = (
+      f"Remat{cls.__name__}")
+  return Rematerialised
+
+
+def scan_blocks(block: nn.Module, x: jnp.ndarray, length: int,
+                **call_kwargs) -> jnp.ndarray:
+  """`length` blocks applied in turn with `nn.scan`: x [B, N, D] -> [B, N, D].
+
+  `block` (an unbound module, e.g. `remat(TransformerBlock, policy)(...,
+  name="blocks")`) is called as `block(x, **call_kwargs)` once per layer,
+  each layer with its own parameters: the parameters are stacked along a
+  new leading axis of size `length` under the block's name (e.g.
+  "blocks/mlp/dense_0/kernel" [length, D, mlp_dim]) instead of one subtree
+  per layer ("block_0", "block_1", ...), and each layer draws its own
+  initialisation and dropout keys. The layer is compiled once however deep
+  the stack is, and a rematerialised block then saves only each layer's
+  input between the forward and the backward pass (a loop the compiler
+  cannot fuse across layers). `call_kwargs` (masks, `train`) are the same
+  for every layer.
+  """
+  def step(module, carry, _):
+    return module(carry, **call_kwargs), None
+
+  scanned = nn.scan(step, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    length=length)
+  x, _ = scanned(block, x, None)
+  return x
+
+
+# ----------------------------------------------------------- attention ---
+
+
+def fp32_softmax_attention(query, key, value, bias=None, mask=None,
+                           broadcast_dropout: bool = True, dropout_rng=None,
+                           dropout_rate: float = 0.0,
+                           deterministic: bool = False, dtype=None,
+                           precision=None, module=None):
+  """`nn.dot_product_attention` whose softmax is computed in float32.
+
+  query [B, Q, H, Dh], key and value [B, K, H, Dh] -> [B, Q, H, Dh]. The
+  logits q.k / sqrt(Dh) are computed in `dtype` (default: the promoted input
+  dtype), the mask and the softmax in float32, and the attention weights are
+  cast back to `dtype` for the weighted sum of the values, so the output is
+  in `dtype`. In float32 every step is the one of `nn.dot_product_attention`
+  (the same values).
+  """
+  query, key, value = promote_dtype(query, key, value, dtype=dtype)
+  weights = nn.dot_product_attention_weights(
+      query, key, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+      deterministic, query.dtype, precision, module,
+      force_fp32_for_softmax=True)
+  return jnp.einsum("...hqk,...khd->...qhd", weights.astype(value.dtype),
+                    value, precision=precision)
+
+
+def attention(num_heads: int, *, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32, remat_policy: str = NO_REMAT,
+              **kwargs) -> nn.MultiHeadDotProductAttention:
+  """`nn.MultiHeadDotProductAttention` computing in `dtype` with a float32
+  softmax (`fp32_softmax_attention`), parameters in `param_dtype`; with a
+  remat policy, its rematerialised form (same parameters). `kwargs` go to
+  the module (name, dropout_rate, deterministic, kernel_init, ...)."""
+  return remat(nn.MultiHeadDotProductAttention, remat_policy)(
+      num_heads=num_heads, dtype=dtype, param_dtype=param_dtype,
+      attention_fn=fp32_softmax_attention, **kwargs)
+
+
+# -------------------------------------------------------------- layers ---
 
 
 class MLP(nn.Module):
   """Dense layers with ReLU between them: [..., D_in] -> [..., features[-1]].
 
+  Computes in `dtype` (the output is `dtype`), parameters in `param_dtype`.
+
   Attributes:
     features: output width of each Dense layer; no activation after the last.
   """
   features: Sequence[int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     for i, width in enumerate(self.features):
-      x = nn.Dense(width, name=f"dense_{i}")(x)
+      x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name=f"dense_{i}")(x)
       if i < len(self.features) - 1:
         x = nn.relu(x)
     return x
@@ -59,16 +221,23 @@ def key_mask(present: jnp.ndarray, num_queries: int,
 
 
 class FeedForward(nn.Module):
-  """The transformer MLP: Dense(mlp_dim) -> GELU -> dropout -> Dense(D)."""
+  """The transformer MLP: Dense(mlp_dim) -> GELU -> dropout -> Dense(D).
+
+  [..., D] -> [..., D] in `dtype`; parameters in `param_dtype`.
+  """
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     width = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.mlp_dim, name="dense_0")(x), approximate=False)
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    x = nn.gelu(dense(self.mlp_dim, name="dense_0")(x), approximate=False)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(width, name="dense_1")(x)
+    return dense(width, name="dense_1")(x)
 
 
 class TransformerBlock(nn.Module):
@@ -87,23 +256,33 @@ class TransformerBlock(nn.Module):
   `post_norm=True` the post-LayerNorm block of BERT and the original
   Transformer (LN(x + f(x))), whose cross-attention form is one stream's half
   of a ViLBERT co-attention layer.
+
+  Computes in `dtype` (the output is `dtype`; LayerNorm statistics and the
+  attention softmax in float32), parameters in `param_dtype`.
+  `remat(TransformerBlock, policy)` is its rematerialised form, with the same
+  parameters.
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   post_norm: bool = False
   layer_norm_epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context=None, present=None, *, mask=None,
+  def __call__(self, x, context=None, present=None, mask=None,
                train: bool = False):
-    attention = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout,
-        deterministic=not train, name="attention")
+    """x [B, N, D], context [B, K, D] or None, present [B] or [B, K] bool
+    (with a context), mask [B, 1, N, N] bool (without) -> [B, N, D]."""
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attend_fn = attention(self.num_heads, dropout_rate=self.dropout,
+                          deterministic=not train, name="attention",
+                          **precision)
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon,
-                                     name=name)
+                                     name=name, **precision)
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp")
+    ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp", **precision)
     any_key = None
     if context is not None:
       if present is None or mask is not None:
@@ -113,7 +292,7 @@ class TransformerBlock(nn.Module):
       any_key = present if present.ndim == 1 else jnp.any(present, axis=-1)
 
     def attend(queries, keys):
-      update = drop(attention(queries, keys, mask=mask))
+      update = drop(attend_fn(queries, keys, mask=mask))
       return update if any_key is None else zero_masked(update, any_key)
 
     if self.post_norm:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from mmjax.models.fusion import Unimodal
 from mmjax.models.layers import pool_tokens, zero_masked
+from mmjax.models.precision import Dtype, to_compute, to_float32
 
 MISSING = ("zero", "token")
 # Per-modality linear classifiers next to the fused head (`unimodal_heads`).
@@ -122,6 +123,16 @@ class MultimodalClassifier(nn.Module):
   modality order, so a linear head's kernel splits by modality along those
   widths (OGM-GE's per-modality logits).
 
+  Precision (`mmjax.models.precision`): `dtype` is the compute dtype. Each
+  modality's input (after its front end, which computes in float32 itself)
+  is cast to it where it is floating (uint8 pixels are first scaled to
+  [0, 1] in float32); the encoders, fusion and heads compute in it (the
+  modules are built with the same `dtype`, see `mmjax.models.factory`). The
+  outputs (logits, unimodal logits) and the sown intermediates are float32
+  whatever `dtype` is, so losses and metrics are computed in float32.
+  `param_dtype` is the dtype of this module's own parameters (mask tokens,
+  unimodal heads).
+
   Attributes:
     modalities: modality names the model reads from the batch.
     encoders: per modality, an encoder module: input [B, ...] -> tokens
@@ -136,6 +147,8 @@ class MultimodalClassifier(nn.Module):
     modality_dropout: {modality: probability} of dropping it while training.
     missing: "zero" or "token", how a missing modality reaches the fusion.
     unimodal_heads: an `UNIMODAL_HEADS` entry (see above).
+    dtype: the compute dtype (default float32).
+    param_dtype: the dtype of the parameters created here (default float32).
   """
   modalities: Sequence[str]
   encoders: Mapping[str, nn.Module]
@@ -146,6 +159,8 @@ class MultimodalClassifier(nn.Module):
   modality_dropout: Mapping[str, float] | None = None
   missing: str = "zero"
   unimodal_heads: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False):
@@ -174,7 +189,7 @@ class MultimodalClassifier(nn.Module):
       x = modality_input(batch, m)
       if frontends.get(m) is not None:
         x = frontends[m].clone(parent=self, name=f"frontend_{m}")(x)
-      inputs[m] = x
+      inputs[m] = to_compute(x, self.dtype)
     if getattr(fusion, "takes_inputs", False):
       if self.unimodal_heads != "none":
         raise ValueError(f"unimodal_heads={self.unimodal_heads!r} needs "
@@ -193,7 +208,7 @@ class MultimodalClassifier(nn.Module):
       features = {m: zero_masked(pool_tokens(tokens[m]), present[m])
                   for m in used}
       for m in used:
-        self.sow("intermediates", f"features/{m}", features[m])
+        self.sow("intermediates", f"features/{m}", to_float32(features[m]))
         self.sow("intermediates", f"present/{m}", present[m])
       if self.missing == "token":  # a learned token [D_m] per modality
         self._replace_missing(tokens, masks, lambda x: x.shape[-1:])
@@ -201,8 +216,9 @@ class MultimodalClassifier(nn.Module):
     if returns_logits:
       logits = fused
     else:
-      self.sow("intermediates", "fused", fused)
+      self.sow("intermediates", "fused", to_float32(fused))
       logits = self.head(fused)  # attached by its field name: "head"
+    logits = to_float32(logits)
     if self.unimodal_heads == "none":
       return logits
     out = {"logits": logits}
@@ -210,8 +226,9 @@ class MultimodalClassifier(nn.Module):
       x = features[m]
       if self.unimodal_heads == "probe":
         x = jax.lax.stop_gradient(x)
-      out[f"unimodal_logits/{m}"] = nn.Dense(
-          self.num_classes, name=f"unimodal_head_{m}")(x)
+      out[f"unimodal_logits/{m}"] = to_float32(nn.Dense(
+          self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f"unimodal_head_{m}")(x))
       out[f"unimodal_present/{m}"] = present[m]
     return out
 
@@ -222,7 +239,7 @@ class MultimodalClassifier(nn.Module):
     """
     for m in values:
       token = self.param(f"mask_token_{m}", nn.initializers.normal(0.02),
-                         token_shape(values[m]))
+                         token_shape(values[m]), self.param_dtype)
       mask = masks[m].reshape(-1, *(1,) * (values[m].ndim - 1))
-      values[m] = jnp.where(mask, values[m], token)
+      values[m] = jnp.where(mask, values[m], token.astype(values[m].dtype))
       masks[m] = jnp.ones_like(masks[m])

@@ -6,6 +6,8 @@ Hann window, centred frames, power 2 and Slaney-normalised mel filters on the
 Slaney mel scale; `power_to_db` with ref=1, amin=1e-10 and `top_db` clipping.
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,8 @@ import scipy.fft
 import scipy.signal
 from einops import rearrange
 
-from mmjax.models.layers import TransformerBlock
+from mmjax.models.layers import NO_REMAT, TransformerBlock, remat, scan_blocks
+from mmjax.models.precision import Dtype
 
 
 def hz_to_mel(freqs):
@@ -70,6 +73,8 @@ class LogMelSpectrogram(nn.Module):
   With `n_mfcc > 0` returns MFCCs [B, n_mfcc, frames] instead (DCT-II of the
   log-mel spectrogram, librosa's `mfcc`). Integer input is read as 16-bit PCM
   and scaled to [-1, 1). Frames = 1 + T // hop_length with `center=True`.
+  The STFT, mel filters and logarithm are computed in float32 whatever the
+  input's dtype; the output is cast to `dtype` (the model's compute dtype).
   """
   sample_rate: int = 8000
   n_fft: int = 256
@@ -80,11 +85,14 @@ class LogMelSpectrogram(nn.Module):
   center: bool = True
   top_db: float | None = 80.0
   n_mfcc: int = 0
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, waveform: jnp.ndarray) -> jnp.ndarray:
     if jnp.issubdtype(waveform.dtype, jnp.integer):
       waveform = waveform.astype(jnp.float32) / 32768.0
+    elif waveform.dtype != jnp.float32:  # the FFT in float32 (no bfloat16 FFT)
+      waveform = waveform.astype(jnp.float32)
     if self.center:
       pad = self.n_fft // 2
       waveform = jnp.pad(waveform, ((0, 0), (pad, pad)))
@@ -102,9 +110,9 @@ class LogMelSpectrogram(nn.Module):
       log_mel = jnp.maximum(
           log_mel, jnp.max(log_mel, axis=(1, 2), keepdims=True) - self.top_db)
     if self.n_mfcc:
-      return jnp.einsum("cm,bmf->bcf", dct_matrix(self.n_mfcc, self.n_mels),
-                        log_mel)
-    return log_mel
+      log_mel = jnp.einsum("cm,bmf->bcf", dct_matrix(self.n_mfcc, self.n_mels),
+                           log_mel)
+    return log_mel.astype(self.dtype)
 
 
 FRONTENDS = {"logmel": LogMelSpectrogram}
@@ -123,7 +131,13 @@ class AudioSpectrogramTransformer(nn.Module):
   of the two leading tokens' outputs: `pool="cls"` returns it, [B, 1, D];
   `pool="none"` returns the patch tokens [B, N, D]. Input is normalised by
   `(x - mean) / (2 * std)` with the dataset statistics `norm_mean`,
-  `norm_std`, as the paper does (defaults: no normalisation).
+  `norm_std`, as the paper does (defaults: no normalisation), in float32.
+
+  Computes in `dtype` (LayerNorm statistics and attention softmax in
+  float32), parameters in `param_dtype`; `remat` (a
+  `mmjax.models.layers.REMAT_POLICIES` name) rematerialises each block;
+  `scan_layers` runs the blocks with `nn.scan` (parameters "blocks/..."
+  stacked [depth, ...] instead of "block_<i>"; off by default).
   """
   width: int = 192
   depth: int = 4
@@ -135,6 +149,10 @@ class AudioSpectrogramTransformer(nn.Module):
   dropout: float = 0.0
   norm_mean: float = 0.0
   norm_std: float = 0.5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -142,23 +160,30 @@ class AudioSpectrogramTransformer(nn.Module):
       raise ValueError(f"AST pool={self.pool!r}; known: cls, none")
     if x.ndim == 3:
       x = x[..., None]
-    x = (x - self.norm_mean) / (2 * self.norm_std)
+    x = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) - self.norm_mean
+         ) / (2 * self.norm_std)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Conv(self.width, (self.patch, self.patch), strides=self.strides,
-                padding="VALID", name="patch_embedding")(x)
+                padding="VALID", name="patch_embedding", **precision)(x)
     b, h, w, d = x.shape
     if h == 0 or w == 0:
       raise ValueError(f"AST needs at least {self.patch} bins and frames")
     x = rearrange(x, "b f t d -> b (f t) d")  # patches frequency-major
     leading = self.param("leading_tokens", nn.initializers.normal(0.02),
-                         (1, 2, d))
+                         (1, 2, d), self.param_dtype).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(leading, (b, 2, d)), x], 1)
     x = x + self.param("position_embedding", nn.initializers.normal(0.02),
-                       (1, h * w + 2, d))
+                       (1, h * w + 2, d), self.param_dtype).astype(x.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    for i in range(self.depth):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
-                           name=f"block_{i}")(x, train=train)
-    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    block = functools.partial(remat(TransformerBlock, self.remat),
+                              self.num_heads, self.mlp_dim, self.dropout,
+                              **precision)
+    if self.scan_layers:
+      x = scan_blocks(block(name="blocks"), x, self.depth, train=train)
+    else:
+      for i in range(self.depth):
+        x = block(name=f"block_{i}")(x, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm", **precision)(x)
     if self.pool == "cls":
       return jnp.mean(x[:, :2], axis=1, keepdims=True)
     return x[:, 2:]

@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange, reduce
 
+from mmjax.models.precision import Dtype
+
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   """2x2 max pooling, stride 2, VALID (an odd last row or column is dropped).
@@ -34,10 +36,15 @@ class LeNet(nn.Module):
   a 1x1 map: one token, whose mean over positions is the same vector). With
   `final_pool=False` the last max pooling is skipped, so token-level fusions
   see a grid of positions: 3x3 = 9 tokens for both recipes above.
+
+  Convolutions compute in `dtype` (the output is `dtype`; BatchNorm
+  statistics and running averages in float32), parameters in `param_dtype`.
   """
   features: int = 6
   extra_layers: int = 3
   final_pool: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -46,8 +53,10 @@ class LeNet(nn.Module):
     for i in range(self.extra_layers + 1):
       size = 5 if i == 0 else 3
       x = nn.Conv(self.features * 2**i, (size, size), padding="SAME",
-                  use_bias=False, name=f"conv_{i}")(x)
+                  use_bias=False, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f"conv_{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
                        name=f"bn_{i}")(x)
       x = nn.relu(x)
       if i < self.extra_layers or self.final_pool:

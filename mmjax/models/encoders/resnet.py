@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange
 
+from mmjax.models.precision import Dtype
+
 # depth -> (residual block kind, number of blocks in each of the four stages).
 _DEPTHS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -31,12 +33,16 @@ class _Block(nn.Module):
   features: int
   stride: int
   zero_init_residual: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
+                             **precision)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5)
+                             momentum=0.9, epsilon=1e-5, **precision)
     last_scale = (nn.initializers.zeros if self.zero_init_residual
                   else nn.initializers.ones)
     strides = (self.stride, self.stride)
@@ -85,12 +91,15 @@ class ResNet(nn.Module):
   Input [B, H, W] or [B, H, W, C] floats; output [B, H' * W', C_final], the
   final feature map flattened without pooling (C_final = 8 * width for depth
   18/34 and 32 * width for 50; H' = H / 32 with the imagenet stem, H / 8 with
-  the cifar stem, rounded up).
+  the cifar stem, rounded up). Convolutions compute in `dtype` (the output
+  is `dtype`; BatchNorm statistics in float32), parameters in `param_dtype`.
   """
   depth: int = 18
   width: int = 64
   stem: str = "imagenet"
   zero_init_residual: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -103,14 +112,16 @@ class ResNet(nn.Module):
     kind, stage_sizes = _DEPTHS[self.depth]
     if x.ndim == 3:
       x = x[..., None]
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
+                             **precision)
     if self.stem == "imagenet":
       x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
                name="stem_conv")(x)
     else:
       x = conv(self.width, (3, 3), padding=_PAD_1, name="stem_conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     name="stem_bn")(x)
+                     name="stem_bn", **precision)(x)
     x = nn.relu(x)
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD_1)
@@ -118,5 +129,5 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
         x = _Block(kind, self.width * 2**i, stride, self.zero_init_residual,
-                   name=f"stage_{i}_block_{j}")(x, train=train)
+                   name=f"stage_{i}_block_{j}", **precision)(x, train=train)
     return rearrange(x, "b h w c -> b (h w) c")

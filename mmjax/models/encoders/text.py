@@ -6,10 +6,14 @@ given. The data package's `WordPieceTokenizer` makes both arrays, and
 `mmjax.models.pretrained.load_minilm` gives pretrained BERT weights.
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import TransformerBlock, key_mask, masked_mean
+from mmjax.models.layers import (NO_REMAT, TransformerBlock, key_mask,
+                                 masked_mean, remat, scan_blocks)
+from mmjax.models.precision import Dtype
 
 POOLS = ("none", "mean", "cls")
 
@@ -51,6 +55,14 @@ class BertEncoder(nn.Module):
     pool: "none" returns every token [B, L, D]; "mean" the mean over real
       tokens [B, 1, D] (Sentence-BERT's pooling; zeros for an all-padding
       row); "cls" the first ([CLS]) token [B, 1, D].
+    dtype: compute dtype (the output's); the embeddings are looked up in
+      it, LayerNorm statistics and attention softmax stay float32.
+    param_dtype: the dtype parameters are stored in.
+    remat: a `mmjax.models.layers.REMAT_POLICIES` name; other than "none",
+      each layer is rematerialised under that policy (same parameters).
+    scan_layers: run the layers with `nn.scan` (`scan_blocks`): parameters
+      "layers/..." stacked [num_layers, ...] instead of "layer_<i>" (off by
+      default; pretrained weights load into the unrolled layout only).
   """
   vocab_size: int
   hidden_size: int
@@ -62,6 +74,10 @@ class BertEncoder(nn.Module):
   layer_norm_eps: float = 1e-12
   dropout: float = 0.0
   pool: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, token_ids: jnp.ndarray, *, train: bool,
@@ -91,23 +107,29 @@ class BertEncoder(nn.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(token_ids)
 
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed = lambda n, name: nn.Embed(
         n, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
-        name=name)
+        name=name, **precision)
     x = (embed(self.vocab_size, "word_embeddings")(token_ids)
          + embed(self.max_position_embeddings, "position_embeddings")(
              jnp.arange(length))[None]
          + embed(self.type_vocab_size, "type_embeddings")(token_type_ids))
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="embeddings_norm")(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="embeddings_norm",
+                     **precision)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
     mask = key_mask(present, length, length)
-    for i in range(self.num_layers):
-      x = TransformerBlock(
-          num_heads=self.num_heads, mlp_dim=self.intermediate_size,
-          dropout=self.dropout, post_norm=True,
-          layer_norm_epsilon=self.layer_norm_eps, name=f"layer_{i}")(
-              x, mask=mask, train=train)
+    block = functools.partial(
+        remat(TransformerBlock, self.remat), num_heads=self.num_heads,
+        mlp_dim=self.intermediate_size, dropout=self.dropout, post_norm=True,
+        layer_norm_epsilon=self.layer_norm_eps, **precision)
+    if self.scan_layers:
+      x = scan_blocks(block(name="layers"), x, self.num_layers, mask=mask,
+                      train=train)
+    else:
+      for i in range(self.num_layers):
+        x = block(name=f"layer_{i}")(x, mask=mask, train=train)
 
     if self.pool == "mean":
       return masked_mean(x, present)[:, None]
@@ -128,10 +150,13 @@ class BagOfEmbeddings(nn.Module):
     vocab_size: number of token ids.
     dim: embedding width D.
     features: if set, a Dense layer maps the mean to this width.
+    dtype: compute dtype (the output's); param_dtype: the parameters'.
   """
   vocab_size: int
   dim: int
   features: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, token_ids: jnp.ndarray, *, train: bool,
@@ -140,8 +165,10 @@ class BagOfEmbeddings(nn.Module):
     -> [B, 1, D] (or [B, 1, features])."""
     del train
     present = _padding_mask(token_ids, padding_mask)
-    x = nn.Embed(self.vocab_size, self.dim, name="embeddings")(token_ids)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Embed(self.vocab_size, self.dim, name="embeddings",
+                 **precision)(token_ids)
     x = masked_mean(x, present)[:, None]
     if self.features is not None:
-      x = nn.Dense(self.features, name="dense")(x)
+      x = nn.Dense(self.features, name="dense", **precision)(x)
     return x

@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange
 
-from mmjax.models.layers import TransformerBlock
+from mmjax.models.layers import NO_REMAT, TransformerBlock, remat
+from mmjax.models.precision import Dtype
 from mmjax.models.spec import from_spec
 
 
@@ -21,12 +22,21 @@ class FrameEncoder(nn.Module):
   `temporal="transformer"` adds learned time embeddings and runs
   `temporal_layers` pre-LayerNorm transformer blocks over the frames, [B, T, D]
   (the factorised "late" temporal encoder of ViViT, Arnab et al., ICCV 2021).
+
+  `dtype`, `param_dtype` and `remat` (a `mmjax.models.layers.REMAT_POLICIES`
+  name) apply to the temporal blocks; they and `scan_layers` are passed on
+  to the frame encoder where it declares them and its spec does not set
+  them.
   """
   frame: Mapping
   temporal: str = "mean"
   temporal_layers: int = 1
   num_heads: int = 4
   max_frames: int = 64
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, video: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -40,7 +50,11 @@ class FrameEncoder(nn.Module):
     if t > self.max_frames:
       raise ValueError(f"video has {t} frames, more than max_frames="
                        f"{self.max_frames}")
-    encoder = from_spec("frame", self.frame, ENCODERS, name="frame_encoder")
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    encoder = from_spec("frame", self.frame, ENCODERS,
+                        options=dict(precision, remat=self.remat,
+                                     scan_layers=self.scan_layers),
+                        name="frame_encoder")
     frames = encoder(rearrange(video, "b t h w c -> (b t) h w c"),
                      train=train)
     frames = rearrange(jnp.mean(frames, axis=1), "(b t) d -> b t d",
@@ -49,9 +63,10 @@ class FrameEncoder(nn.Module):
       return jnp.mean(frames, axis=1, keepdims=True)
     width = frames.shape[-1]
     time = self.param("time_embedding", nn.initializers.normal(0.02),
-                      (self.max_frames, width))
-    x = frames + time[:t]
+                      (self.max_frames, width), self.param_dtype)
+    x = frames + time[:t].astype(frames.dtype)
+    block = remat(TransformerBlock, self.remat)
     for i in range(self.temporal_layers):
-      x = TransformerBlock(self.num_heads, 4 * width, name=f"temporal_{i}")(
-          x, train=train)
-    return nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+      x = block(self.num_heads, 4 * width, name=f"temporal_{i}",
+                **precision)(x, train=train)
+    return nn.LayerNorm(epsilon=1e-6, name="norm", **precision)(x)

@@ -1,11 +1,15 @@
 """Vision Transformer image encoder (big_vision conventions)."""
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from mmjax.models.layers import FeedForward, TransformerBlock
+from mmjax.models.layers import (NO_REMAT, FeedForward, TransformerBlock,
+                                 attention, remat, scan_blocks)
+from mmjax.models.precision import Dtype
 
 # size -> (width, depth, mlp_dim, num_heads), as in big_vision's
 # `decode_variant` (Zhai et al., "Scaling Vision Transformers", CVPR 2022).
@@ -61,23 +65,26 @@ class MAPHead(nn.Module):
 
   Zhai et al., "Scaling Vision Transformers", CVPR 2022 (big_vision
   `MAPHead`): a learned probe query attends to the tokens; the result r
-  becomes r + MLP(LN(r)).
+  becomes r + MLP(LN(r)). Computes in `dtype` (softmax and LayerNorm
+  statistics in float32), parameters (the probe too) in `param_dtype`.
   """
   num_heads: int
   mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     b, _, d = x.shape
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d),
-                       x.dtype)
-    probe = jnp.broadcast_to(probe, (b, 1, d))
-    x = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads,
-        kernel_init=nn.initializers.xavier_uniform(), name="attention")(probe,
-                                                                        x)
-    y = nn.LayerNorm(name="norm")(x)
-    return x + FeedForward(self.mlp_dim, name="mlp")(y)
+                       self.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
+    x = attention(self.num_heads,
+                  kernel_init=nn.initializers.xavier_uniform(),
+                  name="attention", **precision)(probe, x)
+    y = nn.LayerNorm(name="norm", **precision)(x)
+    return x + FeedForward(self.mlp_dim, name="mlp", **precision)(y)
 
 
 class ViT(nn.Module):
@@ -104,6 +111,17 @@ class ViT(nn.Module):
       fixed 2D sine-cosine embedding of the patches, not a parameter; the
       class token then gets none).
     dropout: dropout rate after the position embedding and inside the blocks.
+    dtype: compute dtype (the output's); LayerNorm statistics and attention
+      softmax stay float32.
+    param_dtype: the dtype parameters are stored in (the class token and
+      position embedding too).
+    remat: a `mmjax.models.layers.REMAT_POLICIES` name; other than "none",
+      each transformer block is rematerialised under that policy (same
+      parameters; less memory for activations in the backward pass).
+    scan_layers: run the blocks with `nn.scan` (`scan_blocks`): one compiled
+      layer, parameters stacked as "blocks/..." [depth, ...] instead of
+      "block_0" ... "block_{depth-1}" (a different parameter tree: off by
+      default, so checkpoints of the unrolled layout keep loading).
 
   Input [B, H, W] or [B, H, W, C] floats; N = (H // patch) * (W // patch).
   """
@@ -116,6 +134,10 @@ class ViT(nn.Module):
   pool: str = "gap"
   posemb: str = "learn"
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
+  scan_layers: bool = False
 
   def config(self) -> dict[str, int]:
     """The effective width, depth, mlp_dim, num_heads and patch_size."""
@@ -136,30 +158,39 @@ class ViT(nn.Module):
     width, patch = cfg["width"], cfg["patch_size"]
     if x.ndim == 3:
       x = x[..., None]
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Conv(width, (patch, patch), strides=(patch, patch),
-                padding="VALID", name="embedding")(x)
+                padding="VALID", name="embedding", **precision)(x)
     b, h, w, _ = x.shape
     x = rearrange(x, "b h w d -> b (h w) d")  # patches in raster order
     if self.pool == "cls":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), x.dtype)
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, width),
+                       self.param_dtype).astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), x], axis=1)
     if self.posemb == "learn":
       x = x + self.param("pos_embedding",
                          nn.initializers.normal(stddev=width**-0.5),
-                         (1, x.shape[1], width), x.dtype)
+                         (1, x.shape[1], width),
+                         self.param_dtype).astype(x.dtype)
     else:
       pe = jnp.asarray(posemb_sincos_2d(h, w, width), x.dtype)
       offset = x.shape[1] - h * w  # 1 with the class token, which gets none.
       x = x.at[:, offset:].add(pe)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    for i in range(cfg["depth"]):
-      x = TransformerBlock(cfg["num_heads"], cfg["mlp_dim"], self.dropout,
-                           post_norm=False, name=f"block_{i}")(x, train=train)
-    x = nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x)
+    block = functools.partial(remat(TransformerBlock, self.remat),
+                              cfg["num_heads"], cfg["mlp_dim"], self.dropout,
+                              post_norm=False, **precision)
+    if self.scan_layers:
+      x = scan_blocks(block(name="blocks"), x, cfg["depth"], train=train)
+    else:
+      for i in range(cfg["depth"]):
+        x = block(name=f"block_{i}")(x, train=train)
+    x = nn.LayerNorm(epsilon=1e-6, name="encoder_norm", **precision)(x)
     if self.pool == "cls":
       return x[:, :1]
     if self.pool == "gap":
       return jnp.mean(x, axis=1, keepdims=True)
     if self.pool == "map":
-      return MAPHead(cfg["num_heads"], cfg["mlp_dim"], name="map_head")(x)
+      return MAPHead(cfg["num_heads"], cfg["mlp_dim"], name="map_head",
+                     **precision)(x)
     return x

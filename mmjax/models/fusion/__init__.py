@@ -11,6 +11,18 @@ and returns logits [B, num_classes]. A fusion whose class sets
 `takes_inputs = True` (early) receives the modalities' low-level inputs
 instead of encoder tokens.
 
+Precision and memory: every fusion here declares the Flax fields `dtype`
+(compute dtype, that of its output; default float32), `param_dtype` (the
+dtype its parameters are stored in; default float32) and, where it has
+transformer blocks (or an early-fusion encoder), `remat` (a
+`mmjax.models.layers.REMAT_POLICIES` name; default "none"). Tokens arrive in
+the model's compute dtype; a fusion computes its softmaxes and LayerNorm
+statistics in float32 and may return its output in `dtype`, which the model
+casts to float32 logits. The factory passes these fields only to a fusion
+class that declares them, so a fusion from outside mmjax (an import string)
+without them still works: flax layers with no `dtype` compute in the
+promoted dtype of their inputs and float32 parameters.
+
   name             module                      paper
   image_only       basic.Unimodal              unimodal baseline
   audio_only       basic.Unimodal              unimodal baseline

@@ -8,15 +8,22 @@ and returns a fused representation [B, D]. A masked modality contributes
 nothing: its keys are masked out of every attention that reads it, an
 attention whose keys are all masked has its output (the residual update)
 zeroed, and a masked modality's own pooled block of the output is zero.
+
+Each computes in `dtype` (LayerNorm statistics and attention softmax in
+float32) and stores its parameters in `param_dtype`; `remat` (a
+`mmjax.models.layers.REMAT_POLICIES` name) rematerialises every transformer
+block under that policy, with the same parameters.
 """
 
+import functools
 import math
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import (TransformerBlock, masked_mean, pool_tokens,
-                                 zero_masked)
+from mmjax.models.layers import (NO_REMAT, TransformerBlock, masked_mean,
+                                 pool_tokens, remat, zero_masked)
+from mmjax.models.precision import Dtype
 
 
 def sinusoidal_positions(length: int, dim: int) -> jnp.ndarray:
@@ -73,6 +80,9 @@ class CrossAttentionFusion(nn.Module):
   num_layers: int = 1
   mlp_dim: int = 128
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
@@ -80,17 +90,21 @@ class CrossAttentionFusion(nn.Module):
     query = names[0] if self.query is None else self.query
     if query not in names:
       raise ValueError(f"query modality {query!r} not among {names}")
-    project = lambda m: nn.Dense(self.dim, name=f"proj_{m}")(tokens[m])
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    project = lambda m: nn.Dense(self.dim, name=f"proj_{m}", **precision)(
+        tokens[m])
     x = project(query)
     others = [m for m in names if m != query]
     context = jnp.concatenate([project(m) for m in others], 1)  # [B, K, dim]
     present = jnp.concatenate([
         jnp.broadcast_to(masks[m][:, None], tokens[m].shape[:2])
         for m in others], 1)  # [B, K]
+    block = remat(TransformerBlock, self.remat)
     for i in range(self.num_layers):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
-                           name=f"block_{i}")(x, context, present, train=train)
-    x = nn.LayerNorm(epsilon=1e-6, name="norm_out")(x)
+      x = block(self.num_heads, self.mlp_dim, self.dropout,
+                name=f"block_{i}", **precision)(x, context, present,
+                                                train=train)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm_out", **precision)(x)
     pooled_query = zero_masked(pool_tokens(x), masks[query])
     pooled_context = masked_mean(context, present)
     return jnp.concatenate([pooled_query, pooled_context], -1)
@@ -128,6 +142,9 @@ class CoAttentionFusion(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.0
   pool: str = "mean"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
@@ -140,22 +157,21 @@ class CoAttentionFusion(nn.Module):
     if self.pool not in ("mean", "first"):
       raise ValueError(f"pool must be 'mean' or 'first', got {self.pool!r}")
     a, b = names
-    xa = nn.Dense(self.dim, name=f"proj_{a}")(tokens[a])
-    xb = nn.Dense(self.dim, name=f"proj_{b}")(tokens[b])
-    widths = (self.num_heads, self.mlp_dim, self.dropout)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    xa = nn.Dense(self.dim, name=f"proj_{a}", **precision)(tokens[a])
+    xb = nn.Dense(self.dim, name=f"proj_{b}", **precision)(tokens[b])
+    block = functools.partial(remat(TransformerBlock, self.remat),
+                              self.num_heads, self.mlp_dim, self.dropout,
+                              post_norm=True, **precision)
     for i, kind in enumerate(self.layers):
       if kind == "C":  # Both directions read the layer's inputs.
-        co_a = TransformerBlock(*widths, post_norm=True,
-                                name=f"layer_{i}_co_{a}")
-        co_b = TransformerBlock(*widths, post_norm=True,
-                                name=f"layer_{i}_co_{b}")
+        co_a = block(name=f"layer_{i}_co_{a}")
+        co_b = block(name=f"layer_{i}_co_{b}")
         xa, xb = (co_a(xa, xb, masks[b], train=train),
                   co_b(xb, xa, masks[a], train=train))
       else:
-        xa = TransformerBlock(*widths, post_norm=True,
-                              name=f"layer_{i}_self_{a}")(xa, train=train)
-        xb = TransformerBlock(*widths, post_norm=True,
-                              name=f"layer_{i}_self_{b}")(xb, train=train)
+        xa = block(name=f"layer_{i}_self_{a}")(xa, train=train)
+        xb = block(name=f"layer_{i}_self_{b}")(xb, train=train)
     pool = pool_tokens if self.pool == "mean" else (lambda x: x[:, 0])
     return jnp.concatenate([zero_masked(pool(xa), masks[a]),
                             zero_masked(pool(xb), masks[b])], -1)
@@ -199,15 +215,20 @@ class MulTFusion(nn.Module):
   mlp_dim: int | None = None  # None: 4 x the stage's width
   dropout: float = 0.0
   kernel_size: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
     names = _check_modalities(tokens, masks, 2, "MulTFusion")
     drop = nn.Dropout(self.dropout, deterministic=not train)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block = remat(TransformerBlock, self.remat)
     embedded = {}
     for m in names:
       x = nn.Conv(self.dim, (self.kernel_size,), padding="SAME",
-                  use_bias=False, name=f"proj_{m}")(tokens[m])
+                  use_bias=False, name=f"proj_{m}", **precision)(tokens[m])
       embedded[m] = drop(mult_input(x))
     outputs = []
     for m in names:
@@ -217,17 +238,19 @@ class MulTFusion(nn.Module):
           continue
         x = embedded[m]
         for i in range(self.num_layers):
-          x = TransformerBlock(self.num_heads, self.mlp_dim or 4 * self.dim,
-                               self.dropout, name=f"cross_{s}_to_{m}_{i}")(
-                                   x, embedded[s], masks[s], train=train)
+          x = block(self.num_heads, self.mlp_dim or 4 * self.dim,
+                    self.dropout, name=f"cross_{s}_to_{m}_{i}", **precision)(
+                        x, embedded[s], masks[s], train=train)
         streams.append(nn.LayerNorm(epsilon=1e-6,
-                                    name=f"cross_{s}_to_{m}_norm")(x))
+                                    name=f"cross_{s}_to_{m}_norm",
+                                    **precision)(x))
       x = jnp.concatenate(streams, -1)  # [B, N_m, (M - 1) * dim]
       if self.self_layers:
         x = drop(mult_input(x))
       for i in range(self.self_layers):
-        x = TransformerBlock(self.num_heads, self.mlp_dim or 4 * x.shape[-1],
-                             self.dropout, name=f"self_{m}_{i}")(x, train=train)
-      x = nn.LayerNorm(epsilon=1e-6, name=f"self_{m}_norm")(x)
+        x = block(self.num_heads, self.mlp_dim or 4 * x.shape[-1],
+                  self.dropout, name=f"self_{m}_{i}", **precision)(
+                      x, train=train)
+      x = nn.LayerNorm(epsilon=1e-6, name=f"self_{m}_norm", **precision)(x)
       outputs.append(zero_masked(pool_tokens(x), masks[m]))
     return jnp.concatenate(outputs, -1)

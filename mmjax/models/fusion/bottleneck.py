@@ -3,7 +3,9 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import TransformerBlock, masked_mean, zero_masked
+from mmjax.models.layers import (NO_REMAT, TransformerBlock, masked_mean,
+                                 remat, zero_masked)
+from mmjax.models.precision import Dtype
 
 
 class BottleneckFusion(nn.Module):
@@ -43,6 +45,10 @@ class BottleneckFusion(nn.Module):
     num_heads: attention heads.
     mlp_dim: feed-forward width; None means 4 * dim.
     dropout: dropout rate (train only).
+    dtype: compute dtype (the output's); LayerNorm statistics and attention
+      softmax stay float32. param_dtype: the parameters' dtype.
+    remat: a `mmjax.models.layers.REMAT_POLICIES` name; other than "none",
+      each transformer block is rematerialised (same parameters).
   """
   dim: int = 64
   num_layers: int = 4
@@ -51,16 +57,21 @@ class BottleneckFusion(nn.Module):
   num_heads: int = 4
   mlp_dim: int | None = None
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
 
   def _embed(self, name: str, tokens: jnp.ndarray) -> jnp.ndarray:
     """[B, N, D_m] -> [B, N + 1, dim]: projection, CLS token, positions."""
-    x = nn.Dense(self.dim, name=f"proj_{name}")(tokens)
-    cls = self.param(f"cls_{name}", nn.initializers.zeros, (1, 1, self.dim))
+    x = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name=f"proj_{name}")(tokens)
+    cls = self.param(f"cls_{name}", nn.initializers.zeros, (1, 1, self.dim),
+                     self.param_dtype).astype(x.dtype)
     x = jnp.concatenate(
         [jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)), x], 1)
     position = self.param(f"position_{name}", nn.initializers.normal(0.02),
-                          (x.shape[1], self.dim))
-    return x + position
+                          (x.shape[1], self.dim), self.param_dtype)
+    return x + position.astype(x.dtype)
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
@@ -72,17 +83,21 @@ class BottleneckFusion(nn.Module):
     present = jnp.stack([masks[m] for m in names], 1).astype(bool)  # [B, M]
     batch = present.shape[0]
     mlp_dim = self.mlp_dim or 4 * self.dim
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block = remat(TransformerBlock, self.remat)
     z = None
     for layer in range(self.num_layers):
-      blocks = {m: TransformerBlock(self.num_heads, mlp_dim, self.dropout,
-                                    name=f"block_{layer}_{m}") for m in names}
+      blocks = {m: block(self.num_heads, mlp_dim, self.dropout,
+                         name=f"block_{layer}_{m}", **precision)
+                for m in names}
       if layer < self.fusion_layer:
         x = {m: blocks[m](x[m], train=train) for m in names}
         continue
       if z is None:
         z = self.param("bottleneck", nn.initializers.normal(0.02),
-                       (self.num_bottlenecks, self.dim))
-        z = jnp.broadcast_to(z, (batch, self.num_bottlenecks, self.dim))
+                       (self.num_bottlenecks, self.dim), self.param_dtype)
+        z = jnp.broadcast_to(z.astype(self.dtype),
+                             (batch, self.num_bottlenecks, self.dim))
       updates = []
       for m in names:
         length = x[m].shape[1]
@@ -91,7 +106,7 @@ class BottleneckFusion(nn.Module):
         updates.append(z_m)
       fused = masked_mean(jnp.stack(updates, 1), present)
       z = jnp.where(jnp.any(present, 1)[:, None, None], fused, z)
-    norm = nn.LayerNorm(epsilon=1e-6, name="encoder_norm")
+    norm = nn.LayerNorm(epsilon=1e-6, name="encoder_norm", **precision)
     cls = jnp.stack([norm(x[m][:, 0]) for m in names], 1)  # [B, M, dim]
     self.sow("intermediates", "cls", cls)
     return masked_mean(cls, present)

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.encoders import ENCODERS
-from mmjax.models.layers import pool_tokens
+from mmjax.models.layers import NO_REMAT, pool_tokens
+from mmjax.models.precision import Dtype
 from mmjax.models.spec import from_spec
 
 
@@ -26,15 +27,23 @@ class EarlyFusion(nn.Module):
     encoder: the encoder module, or its `ENCODERS` spec
       `{"name": <ENCODERS key or import string>, **kwargs}`; named "encoder"
       in the parameter tree either way.
+    dtype: the dtype the inputs are resized and stacked in (the compute
+      dtype); with `param_dtype`, `remat` and `scan_layers` passed on to an
+      encoder built from a spec where its class declares them and the spec
+      does not set them.
   """
   encoder: Mapping | nn.Module
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
+  scan_layers: bool = False
   takes_inputs = True
 
   @nn.compact
   def __call__(self, inputs, masks, *, train: bool = False):
     names = sorted(inputs)
     images = [x if x.ndim == 4 else x[..., None] for x in
-              (inputs[m].astype(jnp.float32) for m in names)]
+              (inputs[m].astype(self.dtype) for m in names)]
     height = max(x.shape[1] for x in images)
     width = max(x.shape[2] for x in images)
     stacked = []
@@ -47,5 +56,9 @@ class EarlyFusion(nn.Module):
       net = self.encoder  # attached by its field name: "encoder"
     else:
       net = from_spec("model.fusion_kwargs.encoder", self.encoder, ENCODERS,
+                      options=dict(dtype=self.dtype,
+                                   param_dtype=self.param_dtype,
+                                   remat=self.remat,
+                                   scan_layers=self.scan_layers),
                       name="encoder")
     return pool_tokens(net(jnp.concatenate(stacked, -1), train=train))

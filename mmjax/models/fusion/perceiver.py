@@ -3,19 +3,29 @@
 Alayrac et al., "Flamingo: a Visual Language Model for Few-Shot Learning",
 NeurIPS 2022, Appendix A.1.1 (Perceiver resampler, Figure 5) and A.1.2
 (gated xattn-dense, Figure 4).
+
+Each module computes in `dtype` (LayerNorm statistics and attention softmax
+in float32) and stores its parameters in `param_dtype`. `remat` (a
+`mmjax.models.layers.REMAT_POLICIES` name) rematerialises each attention and
+feed-forward of the resampler under that policy, with the same parameters;
+`remat(GatedCrossAttentionDense, policy)` is the gated block's.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange
 
-from mmjax.models.layers import FeedForward, key_mask, pool_tokens, zero_masked
+from mmjax.models.layers import (NO_REMAT, FeedForward, attention, key_mask,
+                                 pool_tokens, remat, zero_masked)
+from mmjax.models.precision import Dtype
 
 _EPSILON = 1e-6
 
 
-def _norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=_EPSILON, name=name)
+def _norm(name: str, dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=_EPSILON, name=name, dtype=dtype,
+                      param_dtype=param_dtype)
 
 
 class PerceiverResampler(nn.Module):
@@ -46,6 +56,8 @@ class PerceiverResampler(nn.Module):
     mlp_dim: hidden width of the feed-forward; None means 4 * D.
     max_frames: size of the time-embedding table; T must not exceed it.
     dropout: dropout rate of attention weights and feed-forward (train only).
+    dtype, param_dtype: compute and parameter dtypes (module docstring).
+    remat: a `mmjax.models.layers.REMAT_POLICIES` name (module docstring).
   """
   num_latents: int = 8
   num_layers: int = 2
@@ -53,6 +65,9 @@ class PerceiverResampler(nn.Module):
   mlp_dim: int | None = None
   max_frames: int = 16
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None, *,
@@ -67,34 +82,39 @@ class PerceiverResampler(nn.Module):
       train: enables dropout.
 
     Returns:
-      [B, num_latents, D].
+      [B, num_latents, D] in `dtype`.
     """
     batch, frames, tokens, dim = x.shape
     if frames > self.max_frames:
       raise ValueError(f"{frames} frames exceed max_frames={self.max_frames}")
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x.astype(self.dtype)
     time = self.param("time_embedding", nn.initializers.normal(0.02),
-                      (self.max_frames, 1, dim))
-    x = rearrange(x + time[:frames], "b t s d -> b (t s) d")
+                      (self.max_frames, 1, dim), self.param_dtype)
+    x = rearrange(x + time[:frames].astype(self.dtype), "b t s d -> b (t s) d")
     latents = self.param("latents", nn.initializers.normal(0.02),
-                         (self.num_latents, dim))
-    latents = jnp.broadcast_to(latents, (batch, self.num_latents, dim))
+                         (self.num_latents, dim), self.param_dtype)
+    latents = jnp.broadcast_to(latents.astype(self.dtype),
+                               (batch, self.num_latents, dim))
     if mask is None:
       mask = jnp.ones((batch, frames * tokens), bool)
     present = jnp.concatenate(
         [mask.astype(bool), jnp.ones((batch, self.num_latents), bool)], 1)
     attention_mask = key_mask(present, self.num_latents, present.shape[1])
     mlp_dim = self.mlp_dim or 4 * dim
+    feed_forward = remat(FeedForward, self.remat)
     for i in range(self.num_layers):
-      media = _norm(f"norm_media_{i}")(x)
-      queries = _norm(f"norm_latents_{i}")(latents)
+      media = _norm(f"norm_media_{i}", **precision)(x)
+      queries = _norm(f"norm_latents_{i}", **precision)(latents)
       kv = jnp.concatenate([media, queries], 1)
-      latents = latents + nn.MultiHeadDotProductAttention(
-          num_heads=self.num_heads, dropout_rate=self.dropout,
-          deterministic=not train, name=f"attention_{i}")(
+      latents = latents + attention(
+          self.num_heads, dropout_rate=self.dropout, deterministic=not train,
+          remat_policy=self.remat, name=f"attention_{i}", **precision)(
               queries, kv, mask=attention_mask)
-      ffw = FeedForward(mlp_dim, self.dropout, name=f"mlp_{i}")
-      latents = latents + ffw(_norm(f"norm_mlp_{i}")(latents), train=train)
-    return _norm("norm_out")(latents)
+      ffw = feed_forward(mlp_dim, self.dropout, name=f"mlp_{i}", **precision)
+      latents = latents + ffw(_norm(f"norm_mlp_{i}", **precision)(latents),
+                              train=train)
+    return _norm("norm_out", **precision)(latents)
 
 
 class GatedCrossAttentionDense(nn.Module):
@@ -113,14 +133,17 @@ class GatedCrossAttentionDense(nn.Module):
     num_heads: attention heads.
     mlp_dim: hidden width of the feed-forward; None means 4 * D.
     dropout: dropout rate of attention weights and feed-forward (train only).
+    dtype, param_dtype: compute and parameter dtypes (module docstring).
   """
   num_heads: int = 4
   mlp_dim: int | None = None
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, y: jnp.ndarray, x: jnp.ndarray,
-               mask: jnp.ndarray | None = None, *,
+               mask: jnp.ndarray | None = None,
                train: bool = False) -> jnp.ndarray:
     """Lets the query tokens y attend to the visual tokens x.
 
@@ -133,27 +156,30 @@ class GatedCrossAttentionDense(nn.Module):
       train: enables dropout.
 
     Returns:
-      [B, N, D].
+      [B, N, D] in `dtype`.
     """
-    alpha_xattn = self.param("alpha_xattn", nn.initializers.zeros, ())
-    alpha_dense = self.param("alpha_dense", nn.initializers.zeros, ())
-    attention = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout,
-        deterministic=not train, name="attention")
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = lambda name: jnp.tanh(self.param(
+        name, nn.initializers.zeros, (), self.param_dtype).astype(self.dtype))
+    alpha_xattn, alpha_dense = gate("alpha_xattn"), gate("alpha_dense")
+    y = y.astype(self.dtype)
+    attend = attention(self.num_heads, dropout_rate=self.dropout,
+                       deterministic=not train, name="attention", **precision)
     if mask is None:
-      attended = attention(_norm("norm_attention")(y), x)
+      attended = attend(_norm("norm_attention", **precision)(y), x)
     else:
       if mask.ndim == 2:
         mask = jnp.broadcast_to(mask[:, None, :],
                                 (y.shape[0], y.shape[1], x.shape[1]))
       mask = mask.astype(bool)
-      attended = attention(_norm("norm_attention")(y), x,
-                           mask=mask[:, None])
+      attended = attend(_norm("norm_attention", **precision)(y), x,
+                        mask=mask[:, None])
       attended = jnp.where(jnp.any(mask, -1, keepdims=True), attended, 0)
-    y = y + jnp.tanh(alpha_xattn) * attended
+    y = y + alpha_xattn * attended
     ffw = FeedForward(self.mlp_dim or 4 * y.shape[-1], self.dropout,
-                      name="mlp")
-    return y + jnp.tanh(alpha_dense) * ffw(_norm("norm_mlp")(y), train=train)
+                      name="mlp", **precision)
+    return y + alpha_dense * ffw(_norm("norm_mlp", **precision)(y),
+                                 train=train)
 
 
 class PerceiverFusion(nn.Module):
@@ -177,6 +203,7 @@ class PerceiverFusion(nn.Module):
     num_heads: attention heads.
     mlp_dim: feed-forward width; None means 4 * dim.
     dropout: dropout rate (train only).
+    dtype, param_dtype, remat: as `PerceiverResampler`'s (module docstring).
   """
   dim: int = 64
   num_latents: int = 8
@@ -184,14 +211,18 @@ class PerceiverFusion(nn.Module):
   num_heads: int = 4
   mlp_dim: int | None = None
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = NO_REMAT
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
     names = sorted(tokens)
     length = max(tokens[m].shape[1] for m in names)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     frames, present = [], []
     for m in names:
-      x = nn.Dense(self.dim, name=f"proj_{m}")(
+      x = nn.Dense(self.dim, name=f"proj_{m}", **precision)(
           zero_masked(tokens[m], masks[m]))
       pad = length - x.shape[1]
       frames.append(jnp.pad(x, ((0, 0), (0, pad), (0, 0))))
@@ -200,6 +231,7 @@ class PerceiverFusion(nn.Module):
     latents = PerceiverResampler(
         num_latents=self.num_latents, num_layers=self.num_layers,
         num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        max_frames=len(names), dropout=self.dropout, name="resampler")(
+        max_frames=len(names), dropout=self.dropout, remat=self.remat,
+        name="resampler", **precision)(
             jnp.stack(frames, 1), jnp.concatenate(present, 1), train=train)
     return pool_tokens(latents)

@@ -5,7 +5,9 @@ Every fusion here takes encoder tokens and boolean masks,
   fusion(tokens: dict[str, [B, N_m, D_m]], masks: dict[str, [B]], train=...)
 
 mean-pools each modality's tokens to [B, D_m] and processes the modalities in
-sorted name order. A masked modality contributes nothing to the output.
+sorted name order. A masked modality contributes nothing to the output. Each
+computes in `dtype` (its output's dtype) and stores its parameters in
+`param_dtype` (`mmjax.models.precision`).
 """
 
 from collections.abc import Sequence
@@ -15,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.layers import MLP, masked_mean, pool_tokens, zero_masked
+from mmjax.models.precision import Dtype, to_compute
 
 
 def _append_one(h: jnp.ndarray) -> jnp.ndarray:
@@ -62,17 +65,21 @@ class TensorFusion(nn.Module):
   """
   dim: int = 16
   out_dim: int = 0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
     del train
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     zs = []
     for m in sorted(tokens):
-      h = nn.Dense(self.dim, name=f"proj_{m}")(pool_tokens(tokens[m]))
+      h = nn.Dense(self.dim, name=f"proj_{m}", **precision)(
+          pool_tokens(tokens[m]))
       zs.append(_append_one(zero_masked(h, masks[m])))
     fused = outer_product(zs)
     if self.out_dim:
-      fused = nn.Dense(self.out_dim, name="out")(fused)
+      fused = nn.Dense(self.out_dim, name="out", **precision)(fused)
     return fused
 
 
@@ -107,6 +114,8 @@ class LowRankTensorFusion(nn.Module):
   """
   rank: int = 4
   out_dim: int = 64
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, masks, *, train: bool = False):
@@ -115,17 +124,20 @@ class LowRankTensorFusion(nn.Module):
     # rf the product of the other dimensions (here out_dim); untruncated.
     factor_init = nn.initializers.variance_scaling(1.0, "fan_avg", "normal",
                                                    in_axis=1, out_axis=0)
+    param = lambda name, init, shape: self.param(
+        name, init, shape, self.param_dtype).astype(self.dtype)
     product = None
     for m in sorted(tokens):
-      h = zero_masked(pool_tokens(tokens[m]), masks[m])
+      h = zero_masked(pool_tokens(to_compute(tokens[m], self.dtype)),
+                      masks[m])
       z = _append_one(h)  # [B, D_m + 1]
-      factor = self.param(f"factor_{m}", factor_init,
-                          (self.rank, z.shape[-1], self.out_dim))
+      factor = param(f"factor_{m}", factor_init,
+                     (self.rank, z.shape[-1], self.out_dim))
       projected = jnp.einsum("bd,rdo->rbo", z, factor)  # [rank, B, out_dim]
       product = projected if product is None else product * projected
-    weights = self.param("fusion_weights", nn.initializers.variance_scaling(
+    weights = param("fusion_weights", nn.initializers.variance_scaling(
         1.0, "fan_avg", "normal", in_axis=1, out_axis=0), (1, self.rank))
-    bias = self.param("fusion_bias", nn.initializers.zeros, (1, self.out_dim))
+    bias = param("fusion_bias", nn.initializers.zeros, (1, self.out_dim))
     return jnp.einsum("r,rbo->bo", weights[0], product) + bias
 
 
@@ -159,6 +171,8 @@ class HybridFusion(nn.Module):
   """
   num_classes: int
   hidden: Sequence[int] = (100,)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
   returns_logits = True
 
   @nn.compact
@@ -167,14 +181,18 @@ class HybridFusion(nn.Module):
     names = sorted(tokens)
     pooled = [zero_masked(pool_tokens(tokens[m]), masks[m]) for m in names]
     widths = (*self.hidden, self.num_classes)
-    intermediate = MLP(widths, name="head_intermediate")(
-        jnp.concatenate(pooled, -1))
-    logits = jnp.stack([MLP(widths, name=f"head_{m}")(h)
-                        for m, h in zip(names, pooled)], 1)
+    mlp = lambda name: MLP(widths, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=name)
+    intermediate = mlp("head_intermediate")(jnp.concatenate(pooled, -1))
+    logits = jnp.stack([mlp(f"head_{m}")(h) for m, h in zip(names, pooled)],
+                       1)
     present = jnp.stack([masks[m] for m in names], 1)
-    self.sow("intermediates", "modality_logits", logits)
+    # Sown logits in float32 (evaluators read them), returned ones in dtype.
+    self.sow("intermediates", "modality_logits", logits.astype(jnp.float32))
     self.sow("intermediates", "modality_present", present)
-    self.sow("intermediates", "intermediate_logits", intermediate)
+    self.sow("intermediates", "intermediate_logits",
+             intermediate.astype(jnp.float32))
     late = masked_mean(logits, present)
-    mix = nn.sigmoid(self.param("mix", nn.initializers.zeros, ()))
-    return mix * intermediate + (1 - mix) * late
+    mix = nn.sigmoid(self.param("mix", nn.initializers.zeros, (),
+                                self.param_dtype).astype(jnp.float32))
+    return (mix * intermediate + (1 - mix) * late).astype(self.dtype)
