@@ -32,7 +32,9 @@ from mmjax.models import pretrained
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
+from mmjax.models.layers import REMAT_POLICIES
 from mmjax.models.multimodal import MISSING, UNIMODAL_HEADS
+from mmjax.models.precision import DTYPES
 
 
 @flax.struct.dataclass
@@ -61,6 +63,14 @@ def check_config(config):
   configs.check_choice("optimizer.schedule", config.optimizer.schedule,
                        SCHEDULES)
   configs.check_choice("sharding", config.sharding, parallel.STRATEGIES)
+  # Precision and memory (mmjax.models.precision, mmjax.models.layers).
+  configs.check_choice("dtype", config.get("dtype", "float32"), DTYPES)
+  configs.check_choice("param_dtype", config.get("param_dtype", "float32"),
+                       DTYPES)
+  configs.check_choice("remat", config.get("remat", "none"), REMAT_POLICIES)
+  if not isinstance(config.get("scan_layers", False), bool):
+    raise UsageError(f"config key 'scan_layers' takes true or false, got "
+                     f"{config.scan_layers!r}")
   for modality in config.modalities:
     if modality not in config.model.encoders:
       raise UsageError(f"config key 'model.encoders' has no encoder for "

@@ -92,6 +92,17 @@ def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
   config.optimizer.schedule = "cosine"
   config.optimizer.grad_clip_norm = 0.0  # 0 = off
 
+  # Precision and memory (mmjax/models/precision.py, layers.py): the compute
+  # dtype ("float32", "bfloat16", "float16") and the dtype parameters and
+  # optimizer state are kept in; a remat policy for every transformer block
+  # ("none" or a jax.checkpoint_policies name such as "nothing_saveable");
+  # scan_layers runs ViT/AST/BERT layers with nn.scan (another parameter
+  # layout, so off by default).
+  config.dtype = "float32"
+  config.param_dtype = "float32"
+  config.remat = "none"
+  config.scan_layers = False
+
   config.mesh_devices = 0  # 0 = all devices
   config.sharding = "dp"
 
