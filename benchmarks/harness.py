@@ -1,0 +1,123 @@
+"""What every benchmark shares: timing, one JSON row per measurement, and
+mmjax's real train step (the trainer's `make_train_step`, jitted with the
+trainer's shardings) on a fixed batch.
+
+Rows carry the machine and versions (`mmjax.hardware.describe`), the median
+ms per step over `iters` timed calls after `warmup` untimed ones, examples/s,
+and MFU against the measured peak (`mmjax.hardware.peak_flops`).
+"""
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from mmjax import (configs, experiment, hardware, metric_writers, objectives,
+                   parallel, train)
+
+WARMUP, ITERS = 3, 10
+
+
+def time_ms(call: Callable[[], object], warmup: int = WARMUP,
+            iters: int = ITERS) -> float:
+  """Median wall time of `call()` in ms; `call` must block until done."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def emit(row: dict):
+  """Prints one JSON line: the machine and versions, then `row`."""
+  print(json.dumps({**hardware.describe(), **row}), flush=True)
+
+
+def step_row(name: str, framework: str, ms: float, batch_size: int,
+             flops: float | None = None, **extra) -> dict:
+  row = {"benchmark": name, "framework": framework, "ms_per_step": round(ms, 2),
+         "examples_per_sec": round(batch_size / ms * 1e3, 1),
+         "batch_size": batch_size}
+  if flops:
+    row["gflop_per_step"] = round(flops / 1e9, 3)
+    row["mfu"] = round(flops / (ms / 1e3) / hardware.peak_flops(), 4)
+  return {**row, **extra}
+
+
+def load_config(spec: str, **overrides):
+  """A config file (`configs/X.py:ARGS`) with `KEY=VALUE` overrides."""
+  return configs.apply_overrides(configs.load_config(spec),
+                                 [f"{k}={v}" for k, v in overrides.items()])
+
+
+class MmjaxStep:
+  """mmjax's train step on the fixed numpy `batch`, for `config` or for the
+  built `run` (`mmjax.experiment.build`: its model, optimizer and state).
+
+  `run()` takes one step (forward, backward, optimizer update) from the same
+  initial state every call and blocks until it is done; `flops` is XLA's
+  count for one step; `num_params` the model's parameter count.
+  """
+
+  def __init__(self, config, batch: dict, run=None):
+    if run is None:
+      mesh = parallel.make_mesh(config.mesh_devices)
+      model = experiment.build_model(config)
+      tx, _ = experiment.build_optimizer(config)
+      spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+              for k, v in batch.items()}
+      state, shardings = experiment.create_train_state(config, model, tx,
+                                                       spec, mesh)
+      method = None
+    else:
+      mesh, model, tx = run.mesh, run.model, run.tx
+      state, shardings, method = run.state, run.shardings, run.method
+    batch_sharding = parallel.batch_sharding(mesh)
+    self.state, self.batch = state, jax.device_put(batch, batch_sharding)
+    step = train.make_train_step(
+        model, tx, objectives.make_objective(config.objective, mesh), method)
+    self.compiled = jax.jit(
+        step, in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None)).lower(state, self.batch).compile()
+    self.flops = metric_writers.compiled_flops(self.compiled, mesh.size)
+    self.num_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+  def run(self):
+    jax.block_until_ready(self.compiled(self.state, self.batch))
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    print("torch is not installed: pip install torch==2.13.0 (the CPU build: "
+          "--index-url https://download.pytorch.org/whl/cpu); mmjax rows only",
+          file=sys.stderr)
+    return False
+  return True
+
+
+def torch_threads() -> int:
+  """PyTorch gets the cores this process may use, as XLA does."""
+  return hardware.cpu_count()
+
+
+def seeded_batch(shapes: dict, seed: int = 0) -> dict:
+  """Random inputs: uint8 for image-like keys listed as ("uint8", shape)."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for key, (dtype, shape, high) in shapes.items():
+    if np.issubdtype(dtype, np.integer):
+      batch[key] = rng.integers(0, high, shape).astype(dtype)
+    elif dtype == np.bool_:
+      batch[key] = np.ones(shape, bool)
+    else:
+      batch[key] = rng.normal(size=shape).astype(dtype)
+  return batch
