@@ -64,32 +64,40 @@ def remat(cls: type[nn.Module], policy: str = NO_REMAT) -> type[nn.Module]:
   Outputs and gradients are those of `cls` (up to float rounding).
 
   Every argument of a call is traced by `jax.checkpoint` except `train`,
-  which is static (it chooses Python branches: dropout on or off); so
-  `train` must be a positional-or-keyword parameter of `cls.__call__`.
-  Arrays and None pass as they are, positionally or by keyword.
+  which is static (it chooses Python branches: dropout on or off), so
+  `train` must be a positional-or-keyword parameter of `cls.__call__`; it
+  may be passed either way. Keyword-only arguments must be arrays (or None);
+  a module such as `nn.MultiHeadDotProductAttention`, whose dropout is set
+  by a field (`deterministic`), needs no `train`.
   """
   jax_policy = checkpoint_policy(policy)
   if jax_policy is None:
     return cls
   signature = inspect.signature(cls.__call__)
   names = list(signature.parameters)  # "self" first, as static_argnums counts
-  static = tuple(i for i, n in enumerate(names) if n == "train")
-  if "train" in names and not static or (
-      static and signature.parameters["train"].kind
-      is inspect.Parameter.KEYWORD_ONLY):
+  if "train" not in names:
+    lifted = nn.remat(cls, policy=jax_policy)
+    lifted.__name__ = lifted.__qualname__ = f"Remat{cls.__name__}"
+    return lifted
+  train = names.index("train")
+  if signature.parameters["train"].kind is not (
+      inspect.Parameter.POSITIONAL_OR_KEYWORD):
     raise TypeError(f"{cls.__name__}.__call__ must take `train` as a "
                     "positional-or-keyword parameter to be rematerialised")
-  lifted = nn.remat(cls, policy=jax_policy, static_argnums=static)
+  lifted = nn.remat(cls, policy=jax_policy, static_argnums=(train,))
+  leading = [signature.parameters[n] for n in names[1:train + 1]]
 
   class Rematerialised(lifted):  # pylint: disable=missing-class-docstring
     __doc__ = cls.__doc__
 
     def __call__(self, *args, **kwargs):
-      # Every positional-or-keyword argument by position, so that `train`
-      # reaches nn.remat's static_argnums whichever way it was passed.
-      bound = signature.bind(self, *args, **kwargs)
-      bound.apply_defaults()
-      return super().__call__(*bound.args[1:], **bound.kwargs)
+      # The parameters up to `train` by position (defaults filled in), so
+      # that `train` reaches nn.remat's static_argnums however it was passed;
+      # the later ones as they were given.
+      args, kwargs = list(args), dict(kwargs)
+      for p in leading[len(args):]:
+        args.append(kwargs.pop(p.name, p.default))
+      return super().__call__(*args, **kwargs)
 
   Rematerialised.__name__ = Rematerialised.__qualname__ = (
       f"Remat{cls.__name__}")
