@@ -93,6 +93,22 @@ def check_config(config):
     if config[key] <= 0:
       raise UsageError(f"config key '{key}' must be positive, "
                        f"got {config[key]}")
+  accum = config.get("grad_accum_steps", 1)  # mmjax.accumulate
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum <= 0:
+    raise UsageError(f"config key 'grad_accum_steps' must be a positive "
+                     f"integer, got {accum!r}")
+  if accum > 1:  # each microbatch splits evenly over the data axis
+    local_batch = config.batch_size // jax.process_count()
+    devices = config.get("mesh_devices", 0) or jax.device_count()
+    if local_batch % accum:
+      raise UsageError(f"config key 'grad_accum_steps' ({accum}) must divide "
+                       f"the per-process batch size {local_batch}")
+    if (devices <= jax.device_count() and config.batch_size % devices == 0
+        and config.batch_size // accum % devices):
+      raise UsageError(f"config key 'grad_accum_steps' ({accum}): a "
+                       f"microbatch of {config.batch_size // accum} examples "
+                       f"is not divisible by the {devices} devices of the "
+                       "mesh")
   if not 0 <= config.optimizer.warmup_steps < config.total_steps:
     raise UsageError(f"config key 'optimizer.warmup_steps' "
                      f"({config.optimizer.warmup_steps}) must be below "

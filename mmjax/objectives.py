@@ -11,7 +11,11 @@ The contrastive objectives read `outputs["embedding/<m>"]` [B, D] for every
 modality and average the loss over all pairs of towers (one pair for two
 towers; N-tower models as in Tian et al., "Contrastive Multiview Coding",
 ECCV 2020). They run on global arrays inside `jax.jit`, so the negatives are
-the whole global batch across devices.
+the whole global batch across devices. Their functions carry
+`whole_batch = True` (`whole_batch(objective)`): an example's loss depends on
+every other example of the batch, so gradient accumulation must score the
+whole batch at once (`mmjax.accumulate`), while the supervised loss is a mean
+over examples that microbatches can compute piecewise.
 """
 
 import functools
@@ -95,7 +99,17 @@ def contrastive(name: str, mesh=None):
         x, y, o["log_scale"], o["bias"], mesh)
   else:
     raise ValueError(f"unknown contrastive objective {name!r}")
-  return functools.partial(_pairwise, pair)
+  objective = functools.partial(_pairwise, pair)
+  objective.whole_batch = True  # the negatives are the whole batch
+  return objective
+
+
+def whole_batch(objective) -> bool:
+  """Whether `objective`'s loss couples every example with the whole batch
+  (the contrastive objectives; an objective of one's own may set the
+  attribute `whole_batch = True` too), so that it cannot be summed over
+  microbatches."""
+  return bool(getattr(objective, "whole_batch", False))
 
 
 OBJECTIVES = ("supervised", "softmax", "sigmoid", "sigmoid_ring")

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import (checkpoint, cli, experiment, hardware, methods,
-                   metric_writers, objectives, parallel, rundir)
+from mmjax import (accumulate, checkpoint, cli, experiment, hardware,
+                   methods, metric_writers, objectives, parallel, rundir)
 from mmjax.experiment import TrainState
 
 
@@ -33,28 +33,34 @@ class Diverged(Exception):
   """The loss became NaN or infinite."""
 
 
-def make_train_step(model, tx, objective, method=None):
+def make_train_step(model, tx, objective, method=None, *,
+                    grad_accum_steps: int = 1, mesh=None):
   """The one train step: (state, batch) -> (state, metrics).
 
   `method` (`mmjax.methods.Method`; default: plain training) weighs the
-  objective's heads and may transform the gradients.
+  objective's heads and may transform the gradients. `grad_accum_steps` > 1
+  computes the gradients over that many microbatches of the batch
+  (`mmjax.accumulate`; `mesh`: the trainer's, whose data axis the batch is
+  sharded over); the step is still one optimizer step per batch.
   """
   method = method or methods.Method()
+  grad_fn = accumulate.gradient_fn(
+      grad_accum_steps, whole_batch=objectives.whole_batch(objective),
+      mesh=mesh)
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
+    weights = method.loss_weights(state.method_state)
 
-    def loss_fn(params):
-      outputs, updates = model.apply(
+    def forward(params, batch, rng):
+      return model.apply(
           {"params": params, "batch_stats": state.batch_stats}, batch,
           train=True, mutable=["batch_stats", "intermediates"],
           rngs={"dropout": rng})
-      loss, metrics = objective(outputs, batch,
-                                method.loss_weights(state.method_state))
-      return loss, (metrics, updates, outputs)
 
-    grads, (metrics, updates, outputs) = jax.grad(loss_fn, has_aux=True)(
-        state.params)
+    grads, (metrics, updates, outputs) = grad_fn(
+        forward, lambda outputs, batch: objective(outputs, batch, weights),
+        state.params, batch, rng)
     grads, method_metrics = method.transform_grads(
         grads, outputs=outputs, intermediates=updates.get("intermediates", {}),
         batch=batch, state=state, rng=rng)
@@ -129,14 +135,20 @@ def _train(config, workdir: str, start_time: float):
 
     # ---------------------------------------------------------- compile --
     batch_sharding = parallel.batch_sharding(run.mesh)
+    objective = objectives.make_objective(config.objective, run.mesh)
+    accum = config.get("grad_accum_steps", 1)
     step_fn = jax.jit(
-        make_train_step(run.model, run.tx, objectives.make_objective(
-            config.objective, run.mesh), method),
+        make_train_step(run.model, run.tx, objective, method,
+                        grad_accum_steps=accum, mesh=run.mesh),
         in_shardings=(run.shardings, batch_sharding),
         out_shardings=(run.shardings, None), donate_argnums=(0,))
     batch = next(data)
     compiled = step_fn.lower(state, batch).compile()
     flops_per_step = metric_writers.compiled_flops(compiled, run.mesh.size)
+    if accum > 1:  # XLA counts a loop's body once: count the step without
+      # accumulation, lowered and not compiled (so its FLOPs are global)
+      flops_per_step = metric_writers.compiled_flops(jax.jit(make_train_step(
+          run.model, run.tx, objective, method)).lower(state, batch), 1)
     peak = hardware.peak_flops(config.peak_flops)
     if step == 0:  # the method's look before the first step
       state, row = method.after_step(0, state, run.predict, compiled)

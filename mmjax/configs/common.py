@@ -91,6 +91,7 @@ def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
   config.optimizer.warmup_steps = 5 if smoke else 20
   config.optimizer.schedule = "cosine"
   config.optimizer.grad_clip_norm = 0.0  # 0 = off
+  config.grad_accum_steps = 1  # k > 1: k microbatches per step; 1 = off
 
   # Precision and memory (mmjax/models/precision.py, layers.py): the compute
   # dtype ("float32", "bfloat16", "float16") and the dtype parameters and

@@ -1,0 +1,286 @@
+"""Gradient accumulation in the jitted train step (config.grad_accum_steps).
+
+The global batch of B examples is cut into k = `grad_accum_steps`
+microbatches of b = B / k, so that the step holds the activations of b
+examples instead of B; the optimizer still takes one step per global batch
+(the step counter advances once per B, the train state keeps its shapes, so
+checkpoints and exact resume are as with k = 1). `gradient_fn` chooses the
+gradient function once, for k and the kind of objective:
+
+  k = 1          `full_batch`: one forward and backward pass over the batch
+                 (the trainer's step without accumulation).
+  per-example    `microbatched` (objective "supervised"): a `jax.lax.scan`
+  losses         over the k microbatches computes each one's loss and
+                 gradients and carries their sum; the gradient is sum / k,
+                 the mean of the microbatches' gradients of their mean
+                 losses, which is the full batch's gradient for a loss that
+                 averages over examples.
+  contrastive    `cached_embeddings` (objectives softmax, sigmoid,
+  losses         sigmoid_ring: `objectives.whole_batch`): an example's loss
+                 depends on the whole global batch (its negatives), so a
+                 microbatch cannot be scored alone. GradCache (Gao, Zhang,
+                 Han and Callan, "Scaling Deep Contrastive Learning Batch
+                 Size under Memory Limited Setup", RepL4NLP 2021; open_clip's
+                 `accum_freq`), in three parts:
+                   1. a scan computes every microbatch's outputs
+                      ("embedding/<m>" [b, D], "log_scale" [], "bias" [])
+                      without gradients, so no activations are kept; the
+                      cache is the global batch's embeddings [B, D];
+                   2. the loss over the whole global batch and its gradient
+                      with respect to the cache: d embedding/<m> [B, D],
+                      d log_scale [], d bias [];
+                   3. a scan recomputes each microbatch's forward under
+                      `jax.vjp` and pulls its rows of the cached gradients
+                      [b, D] back to the parameters, summing the parameter
+                      gradients.
+                 The loss and gradients are the full batch's, at the cost
+                 of a second forward pass.
+
+Every gradient function has the signature
+
+  grad_fn(forward, objective, params, batch, rng)
+      -> (grads, (metrics, updates, outputs))
+
+  forward(params, batch, rng) -> (outputs, updates): the model in training
+    mode on a batch [N, ...] (the global batch or a microbatch); updates are
+    its mutable collections {"batch_stats": ..., "intermediates": ...}.
+  objective(outputs, batch) -> (scalar loss, metrics dict).
+  batch: {key: [B, ...]}, sharded along B over the mesh's data axis.
+  rng: the step's key; microbatch j draws with `fold_in(rng, j)` (so its
+    dropout masks are not those of k = 1), in both passes of the
+    contrastive scheme, so a recomputed forward matches the cached one.
+  grads: the parameters' tree; metrics: the objective's on the whole batch;
+    updates and outputs: as forward's for the global batch [B, ...].
+
+Microbatches. The batch is sharded over the n devices of the data axis, each
+holding L = B / n consecutive rows; microbatch j takes rows j L/k ...
+(j + 1) L/k - 1 of every device's block (`split_batch`), so cutting
+[B, ...] into [k, b, ...] moves no data between devices and every microbatch
+is split evenly over all of them. B must be divisible by k * n (checked at
+config time: `experiment.check_config`).
+
+What the step returns besides the gradients:
+  outputs, intermediates  the microbatches' merged back into the global
+      batch's order (`merge_microbatches`), for the methods' hooks
+      (`mmjax.methods`): a leaf whose leading axis is the microbatch's b
+      examples is concatenated [k, b, ...] -> [B, ...]; any other leaf is
+      batch-independent (the logit scale) and taken from microbatch 0. So
+      `transform_grads` sees the whole batch's outputs and the accumulated
+      gradients, and OGM-GE (scores summed over the batch's examples) and
+      G-Blending (loss weights, the same in every microbatch) work as with
+      k = 1.
+  metrics  the objective on the merged outputs and the whole batch, so the
+      loss and accuracies are the full batch's (a unimodal head's metrics
+      count each example that has its modality once, whichever microbatch
+      holds it).
+  batch_stats  BatchNorm normalises each microbatch with that microbatch's
+      statistics (the usual behaviour of accumulation, as in PyTorch); the
+      running averages returned are the mean over the microbatches of each
+      one's update from the state's averages. The mean then moves exactly as
+      with the full batch (the mean of the microbatch means), the variance
+      by the mean of the microbatch variances (smaller than the full batch's
+      by the variance of the microbatch means), and the averages take one
+      momentum step per optimizer step, as with k = 1 (chaining them through
+      the microbatches would take k).
+
+Cost. Activation memory is that of b examples (for the contrastive scheme,
+plus the cache of B embeddings); the gradient accumulator is one more copy of
+the parameters' shapes. Under data parallelism XLA all-reduces each
+microbatch's gradients inside the loop, so a step communicates k times the
+gradients instead of once.
+
+Exactness. Without BatchNorm and dropout, the loss and gradients equal the
+full batch's up to float rounding (tests/test_accumulate.py). One deviation
+remains for the supervised loss: a unimodal head's loss averages over the
+examples of its microbatch that have its modality, so under modality
+dropout or missing modalities, when the microbatches hold different numbers
+of such examples, the gradient (the mean over microbatches) weighs them a
+little differently from the full batch's; with every modality present it is
+exact.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmjax import parallel
+
+
+def gradient_fn(steps: int, *, whole_batch: bool = False, mesh=None):
+  """The train step's gradient function (module docstring) for `steps`
+  microbatches; `whole_batch` for an objective whose loss couples every
+  example with the whole batch (`objectives.whole_batch`); `mesh` the
+  trainer's, whose data axis the batch is sharded over (None: one device)."""
+  if not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"grad_accum_steps must be a positive int, got {steps!r}")
+  if steps == 1:
+    return full_batch
+  fn = cached_embeddings if whole_batch else microbatched
+  return functools.partial(fn, steps=steps, mesh=mesh)
+
+
+def full_batch(forward, objective, params, batch, rng):
+  """One forward and backward pass over the whole batch (k = 1)."""
+  def loss_fn(params):
+    outputs, updates = forward(params, batch, rng)
+    loss, metrics = objective(outputs, batch)
+    return loss, (metrics, updates, outputs)
+
+  return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def microbatched(forward, objective, params, batch, rng, *, steps: int,
+                 mesh=None):
+  """Gradients summed over `steps` microbatches by a scan, divided by
+  `steps`: the full batch's for a loss that is a mean over examples."""
+  micro = split_batch(batch, steps, mesh)  # {key: [k, b, ...]}
+  b = _microbatch_size(batch, steps)
+
+  def loss_fn(params, batch, rng):
+    outputs, updates = forward(params, batch, rng)
+    return objective(outputs, batch)[0], (outputs, updates)
+
+  def add_microbatch(total, xs):  # forward and backward of b examples
+    j, batch_j = xs
+    grads, aux = jax.grad(loss_fn, has_aux=True)(
+        params, batch_j, jax.random.fold_in(rng, j))
+    return jax.tree.map(jnp.add, total, grads), aux
+
+  total, (outputs, updates) = jax.lax.scan(
+      add_microbatch, jax.tree.map(jnp.zeros_like, params),
+      (jnp.arange(steps), micro))
+  grads = jax.tree.map(lambda g: g / steps, total)
+  outputs = merge_microbatches(outputs, b, mesh)
+  _, metrics = objective(outputs, batch)
+  return grads, (metrics, _combine_updates(updates, b, mesh), outputs)
+
+
+def cached_embeddings(forward, objective, params, batch, rng, *, steps: int,
+                      mesh=None):
+  """GradCache (module docstring): the outputs of every microbatch first,
+  the loss and its gradient over the whole batch, then each microbatch's
+  parameter gradients from its rows of the outputs' gradient."""
+  micro = split_batch(batch, steps, mesh)  # {key: [k, b, ...]}
+  b = _microbatch_size(batch, steps)
+  keys = jnp.arange(steps)
+
+  def embed(_, xs):  # pass 1: no gradients, so no activations are kept
+    j, batch_j = xs
+    return None, forward(params, batch_j, jax.random.fold_in(rng, j))[0]
+
+  _, cached = jax.lax.scan(embed, None, (keys, micro))  # leaves [k, ...]
+  outputs = merge_microbatches(cached, b, mesh)
+  loss, pullback, metrics = jax.vjp(lambda o: objective(o, batch), outputs,
+                                    has_aux=True)
+  (d_outputs,) = pullback(jnp.ones_like(loss))
+  d_micro = _split_cotangents(d_outputs, cached, b, mesh)
+
+  def pull(total, xs):  # pass 2: recompute, pull the cached gradients back
+    j, batch_j, d_j = xs
+    outputs_j, vjp, updates = jax.vjp(
+        lambda p: forward(p, batch_j, jax.random.fold_in(rng, j)), params,
+        has_aux=True)
+    leaves, treedef = jax.tree.flatten(outputs_j)
+    d_j = [np.zeros(x.shape, jax.dtypes.float0) if d is None else d
+           for d, x in zip(d_j, leaves)]
+    (grads,) = vjp(jax.tree.unflatten(treedef, d_j))
+    return jax.tree.map(jnp.add, total, grads), updates
+
+  grads, updates = jax.lax.scan(
+      pull, jax.tree.map(jnp.zeros_like, params), (keys, micro, d_micro))
+  return grads, (metrics, _combine_updates(updates, b, mesh), outputs)
+
+
+# ------------------------------------------------------------- reshaping ---
+
+
+def _microbatch_size(batch, steps: int) -> int:
+  return jax.tree.leaves(batch)[0].shape[0] // steps
+
+
+def _data_size(mesh) -> int:
+  return 1 if mesh is None else mesh.shape[parallel.DATA_AXIS]
+
+
+def _constrain(x, mesh, spec):
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def split_batch(batch, steps: int, mesh=None):
+  """{key: [B, ...]} -> {key: [k, b, ...]}, b = B / k: microbatch j holds
+  rows j L/k ... (j + 1) L/k - 1 of each device's L = B / n rows, so each
+  is split evenly over the n devices of the data axis without moving data.
+  """
+  n = _data_size(mesh)
+
+  def split(x):
+    size = x.shape[0]
+    if size % (steps * n):
+      raise ValueError(
+          f"grad_accum_steps={steps}: the batch of {size} is not divisible "
+          f"into {steps} microbatches split over {n} devices")
+    x = x.reshape(n, steps, size // (n * steps), *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1).reshape(steps, size // steps, *x.shape[3:])
+    return _constrain(x, mesh, P(None, parallel.DATA_AXIS))
+
+  return jax.tree.map(split, batch)
+
+
+def _per_example(x, b: int) -> bool:
+  """Whether a stacked leaf [k, ...] has the microbatch's b examples on its
+  second axis."""
+  return x.ndim >= 2 and x.shape[1] == b
+
+
+def merge_microbatches(tree, b: int, mesh=None):
+  """The inverse of `split_batch` for stacked scan outputs: each leaf
+  [k, b, ...] -> [B, ...] in the global batch's order; a leaf without the
+  microbatch's b examples on its second axis (batch-independent) -> its
+  microbatch 0 value."""
+  n = _data_size(mesh)
+
+  def merge(x):
+    if not _per_example(x, b):
+      return x[0]
+    k = x.shape[0]
+    x = x.reshape(k, n, b // n, *x.shape[2:])
+    x = jnp.swapaxes(x, 0, 1).reshape(k * b, *x.shape[3:])
+    return _constrain(x, mesh, P(parallel.DATA_AXIS))
+
+  return jax.tree.map(merge, tree)
+
+
+def _split_cotangents(d_outputs, cached, b: int, mesh):
+  """The outputs' gradient over the whole batch, per microbatch: a list in
+  the order of the flattened outputs of leaves [k, b, ...] (rows of the
+  per-example leaves; a batch-independent leaf's gradient goes to
+  microbatch 0 alone, since the cache holds microbatch 0's value) and None
+  for integer outputs, which take no gradient."""
+  cached_leaves = jax.tree.leaves(cached)
+  steps = cached_leaves[0].shape[0]
+  out = []
+  for d, x in zip(jax.tree.leaves(d_outputs), cached_leaves):
+    if d.dtype == jax.dtypes.float0:
+      out.append(None)
+    elif _per_example(x, b):
+      out.append(split_batch(d, steps, mesh))
+    else:
+      out.append(jnp.zeros((steps, *d.shape), d.dtype).at[0].set(d))
+  return out
+
+
+def _combine_updates(updates: dict, b: int, mesh) -> dict:
+  """Stacked per-microbatch mutable collections -> the step's: BatchNorm
+  running averages the mean over microbatches, every other collection
+  (the sown intermediates) merged into the global batch."""
+  updates = dict(updates)
+  if "batch_stats" in updates:
+    updates["batch_stats"] = jax.tree.map(lambda x: jnp.mean(x, axis=0),
+                                          updates["batch_stats"])
+  return {key: value if key == "batch_stats" else
+          merge_microbatches(value, b, mesh) for key, value in updates.items()}
