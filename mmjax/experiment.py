@@ -71,6 +71,10 @@ def check_config(config):
   if not isinstance(config.get("scan_layers", False), bool):
     raise UsageError(f"config key 'scan_layers' takes true or false, got "
                      f"{config.scan_layers!r}")
+  if config.get("scan_layers") and config.model.get("init"):
+    raise UsageError("config key 'scan_layers' stacks the layers' "
+                     "parameters; pretrained weights ('model.init') load "
+                     "into the unrolled layout only")
   for modality in config.modalities:
     if modality not in config.model.encoders:
       raise UsageError(f"config key 'model.encoders' has no encoder for "

@@ -287,3 +287,11 @@ def test_scan_layers_with_remat_gives_the_same_gradients():
       rematted, batch)))(variables["params"], variables["batch_stats"]).jaxpr)
   assert_close(loss_and_grads(sigmoid_loss(rematted, batch), variables),
                plain)
+
+
+def test_scan_layers_refuses_pretrained_weights_at_config_time():
+  config = configs.load_config("configs/coco_mini.py")  # MiniLM text tower
+  experiment.check_config(config)
+  config.scan_layers = True
+  with pytest.raises(UsageError, match="'scan_layers'.*'model.init'"):
+    experiment.check_config(config)
