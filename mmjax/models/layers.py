@@ -61,7 +61,11 @@ def remat(cls: type[nn.Module], policy: str = NO_REMAT) -> type[nn.Module]:
   either load into the other. Under `jax.grad` its `__call__` saves only
   what `policy` (a `REMAT_POLICIES` name) allows and recomputes the rest in
   the backward pass: less memory, about one more forward pass of compute.
-  Outputs and gradients are those of `cls` (up to float rounding).
+  Outputs and gradients are those of `cls` (up to float rounding). XLA's CPU
+  compiler drops the optimisation barriers that keep the recomputation apart
+  and merges it back into the forward pass, so on CPU the memory drops only
+  where the blocks run in a loop (`scan_blocks`); GPU and TPU compilers keep
+  the barriers.
 
   Every argument of a call is traced by `jax.checkpoint` except `train`,
   which is static (it chooses Python branches: dropout on or off), so
