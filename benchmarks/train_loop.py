@@ -16,6 +16,7 @@ the loop).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -49,7 +50,8 @@ def main():
   parser.add_argument("--steps", type=int, default=120)
   args = parser.parse_args()
   config = harness.load_config(args.config)
-  run = experiment.build(config)  # builds the dataset if needed
+  with contextlib.redirect_stdout(sys.stderr):  # tfds reports a first build
+    run = experiment.build(config)
   batch = next(run.train_iterator())
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)

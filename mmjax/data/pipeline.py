@@ -30,6 +30,12 @@ from mmjax.data import builders
 from mmjax.data.tokenizer import ByteTokenizer
 from mmjax.errors import UsageError
 
+# Batches read ahead of the train step. grain's default (500 elements, here
+# batches) spends the run's first 10-20 s of CPU filling the buffer, which
+# slowed the AV-MNIST step from 470 to 870 ms while it lasted
+# (benchmarks/input_pipeline.py); a few batches keep the step fed.
+TRAIN_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess(grain.transforms.Map):
@@ -246,7 +252,7 @@ class TrainIterator:
     ds = grain.MapDataset.source(source)[process_index::process_count]
     ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
     ds = train_transforms(ds, config).batch(local_batch, drop_remainder=True)
-    ds = ds.to_iter_dataset()
+    ds = ds.to_iter_dataset(TRAIN_READ_OPTIONS)
     if config.data_workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
         flags.FLAGS.mark_as_parsed()
