@@ -68,32 +68,6 @@ def test_max_pool_2x2_matches_reduce_window(shape):
   np.testing.assert_array_equal(square_sum(max_pool_2x2), square_sum(reference))
 
 
-@pytest.mark.parametrize("shape,layers", [((4, 112, 112, 1), 5),
-                                          ((4, 28, 28, 1), 3)])
-def test_space_to_depth_first_layer_matches_the_plain_convolution(shape,
-                                                                  layers):
-  # Same parameters; outputs, batch statistics and gradients up to rounding.
-  x = jnp.asarray(np.random.default_rng(0).uniform(size=shape), jnp.float32)
-  blocked, plain = LeNet(6, layers), LeNet(6, layers, space_to_depth=False)
-  variables = blocked.init(jax.random.key(0), x, train=False)
-  assert jax.tree.all(jax.tree.map(
-      lambda a, b: a.shape == b.shape and bool((a == b).all()), variables,
-      plain.init(jax.random.key(0), x, train=False)))
-
-  def loss(model, params):
-    out, stats = model.apply({**variables, "params": params}, x, train=True,
-                             mutable=["batch_stats"])
-    return (out ** 2).sum(), (out, stats)
-
-  results = [jax.grad(loss, argnums=1, has_aux=True)(m, variables["params"])
-             for m in (blocked, plain)]
-  (grads, (out, stats)), (ref_grads, (ref_out, ref_stats)) = results
-  np.testing.assert_allclose(out, ref_out, atol=2e-5)
-  for a, b in zip(jax.tree.leaves((stats, grads)),
-                  jax.tree.leaves((ref_stats, ref_grads))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
-
-
 # The fusion contract runs over every fusion (test_fusion_contract.py); here
 # the whole classifier passes masks and gradients for one fusion of each kind
 # (token-level, input-level, logit-level) and a unimodal baseline.
