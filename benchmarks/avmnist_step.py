@@ -12,8 +12,6 @@ and model, then a row with `speed_vs_torch` (PyTorch ms / mmjax ms: above 1,
 mmjax is faster). The parameter counts of the two models must match.
 """
 
-import argparse
-
 import numpy as np
 
 import harness
@@ -27,16 +25,12 @@ MODALITIES = {"concat": ("image", "audio"), "audio_only": ("audio",),
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = harness.parser(__doc__, batch=128)
   parser.add_argument("--fusions", default="concat,audio_only,image_only")
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--iters", type=int, default=harness.ITERS)
   args = parser.parse_args()
-  with_torch = harness.torch_available()
-  if with_torch:
-    import torch  # pylint: disable=import-outside-toplevel
+  torch = harness.import_torch()
+  if torch:
     import torch_lenet  # pylint: disable=import-outside-toplevel
-    torch.set_num_threads(harness.torch_threads())
   for fusion in args.fusions.split(","):
     batch = harness.seeded_batch({k: (d, (args.batch, *s), h)
                                   for k, (d, s, h) in SHAPES.items()})
@@ -47,7 +41,7 @@ def main():
     harness.emit(harness.step_row(f"avmnist/{fusion}", "mmjax", ms,
                                   args.batch, step.flops,
                                   num_params=step.num_params))
-    if not with_torch:
+    if not torch:
       continue
     model = torch_lenet.AvMnistClassifier(MODALITIES[fusion])
     inputs = {m: torch.from_numpy(batch[m][..., 0]) for m in MODALITIES[fusion]}
@@ -56,15 +50,8 @@ def main():
     if reference.num_params != step.num_params:
       raise SystemExit(f"error: PyTorch {fusion} has {reference.num_params} "
                        f"parameters, mmjax {step.num_params}")
-    torch_ms = harness.time_ms(reference.run, iters=args.iters)
-    harness.emit(harness.step_row(f"avmnist/{fusion}", "torch", torch_ms,
-                                  args.batch, step.flops,
-                                  num_params=reference.num_params,
-                                  torch=torch.__version__,
-                                  torch_threads=torch.get_num_threads()))
-    harness.emit({"benchmark": f"avmnist/{fusion}",
-                  "speed_vs_torch": round(torch_ms / ms, 3)})
-
+    harness.emit_torch_comparison(f"avmnist/{fusion}", ms, step.flops,
+                                  reference, args.batch, args.iters)
 
 if __name__ == "__main__":
   main()

@@ -22,7 +22,6 @@ the first step, which the two should share), then a row with
 parameter counts of the two models must match (else `error:`).
 """
 
-import argparse
 
 import jax
 import numpy as np
@@ -64,19 +63,15 @@ def make_batch(batch_size: int, image_size: int, seq_len: int,
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = harness.parser(__doc__, batch=16)
   parser.add_argument("--objectives", default="softmax,sigmoid")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--iters", type=int, default=harness.ITERS)
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--seq-len", type=int, default=32)
   parser.add_argument("--embed-dim", type=int, default=384)
   args = parser.parse_args()
-  with_torch = harness.torch_available()
-  if with_torch:
-    import torch  # pylint: disable=import-outside-toplevel
+  torch = harness.import_torch()
+  if torch:
     import torch_transformers  # pylint: disable=import-outside-toplevel
-    torch.set_num_threads(harness.torch_threads())
   encoders = {"image": VIT_S16, "text": BERT_SMALL}
   batch = make_batch(args.batch, args.image_size, args.seq_len,
                      BERT_SMALL["vocab_size"])
@@ -92,7 +87,7 @@ def main():
     harness.emit(harness.step_row(name, "mmjax", ms, args.batch, step.flops,
                                   num_params=step.num_params,
                                   loss=round(loss, 5), **shape))
-    if not with_torch:
+    if not torch:
       continue
     model = torch_transformers.contrastive_model(
         encoders, args.image_size, args.embed_dim, objective)
@@ -107,14 +102,9 @@ def main():
         model, inputs, torch_transformers.CONTRASTIVE_LOSSES[objective],
         clamp_log_scale=objective == "softmax")
     torch_loss = float(reference.run())  # the first step, from mmjax's init
-    torch_ms = harness.time_ms(reference.run, iters=args.iters)
-    harness.emit(harness.step_row(name, "torch", torch_ms, args.batch,
-                                  step.flops, num_params=reference.num_params,
-                                  loss=round(torch_loss, 5), **shape,
-                                  torch=torch.__version__,
-                                  torch_threads=torch.get_num_threads()))
-    harness.emit({"benchmark": name,
-                  "speed_vs_torch": round(torch_ms / ms, 3)})
+    harness.emit_torch_comparison(name, ms, step.flops, reference, args.batch,
+                                  args.iters, loss=round(torch_loss, 5),
+                                  **shape)
 
 
 if __name__ == "__main__":

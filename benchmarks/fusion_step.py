@@ -37,7 +37,6 @@ with `speed_vs_torch` (PyTorch ms / mmjax ms: above 1, mmjax is faster).
 The parameter counts of the two models must match (else `error:`).
 """
 
-import argparse
 
 import flax.linen as nn
 import jax
@@ -111,18 +110,14 @@ def torch_model(fusion: str, config, tokens: dict):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = harness.parser(__doc__, batch=128)
   parser.add_argument("--fusions", default="perceiver,coattention")
   parser.add_argument("--setting", default="avmnist", choices=sorted(SETTINGS))
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--iters", type=int, default=harness.ITERS)
   args = parser.parse_args()
-  with_torch = harness.torch_available()
-  if with_torch:
-    import torch  # pylint: disable=import-outside-toplevel
+  torch = harness.import_torch()
+  if torch:
     from torch.nn import functional as F  # pylint: disable=import-outside-toplevel
     import torch_transformers  # pylint: disable=import-outside-toplevel
-    torch.set_num_threads(harness.torch_threads())
   tokens, fusion_settings = SETTINGS[args.setting]
   batch = make_batch(args.batch, tokens)
   for fusion in args.fusions.split(","):
@@ -135,7 +130,7 @@ def main():
     harness.emit(harness.step_row(name, "mmjax", ms, args.batch, step.flops,
                                   num_params=step.num_params,
                                   loss=round(loss, 5)))
-    if not with_torch:
+    if not torch:
       continue
     model = torch_model(fusion, config, tokens)
     if (count := sum(p.numel() for p in model.parameters())) != step.num_params:
@@ -149,14 +144,8 @@ def main():
     reference = torch_transformers.TorchStep(
         model, inputs, lambda logits: F.cross_entropy(logits, labels))
     torch_loss = float(reference.run())  # the first step, from mmjax's init
-    torch_ms = harness.time_ms(reference.run, iters=args.iters)
-    harness.emit(harness.step_row(name, "torch", torch_ms, args.batch,
-                                  step.flops, num_params=reference.num_params,
-                                  loss=round(torch_loss, 5),
-                                  torch=torch.__version__,
-                                  torch_threads=torch.get_num_threads()))
-    harness.emit({"benchmark": name,
-                  "speed_vs_torch": round(torch_ms / ms, 3)})
+    harness.emit_torch_comparison(name, ms, step.flops, reference, args.batch,
+                                  args.iters, loss=round(torch_loss, 5))
 
 
 if __name__ == "__main__":

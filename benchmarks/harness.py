@@ -7,6 +7,7 @@ ms per step over `iters` timed calls after `warmup` untimed ones, examples/s,
 and MFU against the measured peak (`mmjax.hardware.peak_flops`).
 """
 
+import argparse
 import json
 import statistics
 import sys
@@ -93,20 +94,39 @@ class MmjaxStep:
     jax.block_until_ready(self.compiled(self.state, self.batch))
 
 
-def torch_available() -> bool:
+def parser(doc: str, batch: int) -> argparse.ArgumentParser:
+  """The flags every step benchmark has: --batch and --iters."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  p.add_argument("--batch", type=int, default=batch)
+  p.add_argument("--iters", type=int, default=ITERS)
+  return p
+
+
+def import_torch():
+  """torch on as many threads as the cores this process may use (as XLA
+  uses), or None (with a note) when it is not installed."""
   try:
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     print("torch is not installed: pip install torch==2.13.0 (the CPU build: "
           "--index-url https://download.pytorch.org/whl/cpu); mmjax rows only",
           file=sys.stderr)
-    return False
-  return True
+    return None
+  torch.set_num_threads(hardware.cpu_count())
+  return torch
 
 
-def torch_threads() -> int:
-  """PyTorch gets the cores this process may use, as XLA does."""
-  return hardware.cpu_count()
+def emit_torch_comparison(name: str, mmjax_ms: float, flops: float,
+                          reference, batch_size: int, iters: int, **extra):
+  """Times the PyTorch twin (`reference.run()`: one step; `num_params`),
+  emits its row and then the `speed_vs_torch` row (PyTorch ms / mmjax ms)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch_ms = time_ms(reference.run, iters=iters)
+  emit(step_row(name, "torch", torch_ms, batch_size, flops,
+                num_params=reference.num_params, **extra,
+                torch=torch.__version__,
+                torch_threads=torch.get_num_threads()))
+  emit({"benchmark": name, "speed_vs_torch": round(torch_ms / mmjax_ms, 3)})
 
 
 def seeded_batch(shapes: dict, seed: int = 0) -> dict:
