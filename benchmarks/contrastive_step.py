@@ -81,8 +81,7 @@ def main():
     name = f"contrastive/{objective}"
     config = make_config(objective, args.batch, encoders, args.embed_dim)
     step = harness.MmjaxStep(config, batch)
-    _, metrics = step.compiled(step.state, step.batch)
-    loss = float(metrics["loss"])
+    loss = step.first_loss()
     ms = harness.time_ms(step.run, iters=args.iters)
     harness.emit(harness.step_row(name, "mmjax", ms, args.batch, step.flops,
                                   num_params=step.num_params,

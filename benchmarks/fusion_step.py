@@ -124,8 +124,7 @@ def main():
     name = f"fusion/{fusion}/{args.setting}"
     config = make_config(fusion, args.batch, fusion_settings[fusion])
     step = harness.MmjaxStep(config, batch)
-    _, metrics = step.compiled(step.state, step.batch)
-    loss = float(metrics["loss"])
+    loss = step.first_loss()
     ms = harness.time_ms(step.run, iters=args.iters)
     harness.emit(harness.step_row(name, "mmjax", ms, args.batch, step.flops,
                                   num_params=step.num_params,

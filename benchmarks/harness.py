@@ -93,6 +93,10 @@ class MmjaxStep:
   def run(self):
     jax.block_until_ready(self.compiled(self.state, self.batch))
 
+  def first_loss(self) -> float:
+    """The loss of the step from the initial state."""
+    return float(self.compiled(self.state, self.batch)[1]["loss"])
+
 
 def parser(doc: str, batch: int) -> argparse.ArgumentParser:
   """The flags every step benchmark has: --batch and --iters."""
