@@ -134,7 +134,9 @@ def emit_torch_comparison(name: str, mmjax_ms: float, flops: float,
 
 
 def seeded_batch(shapes: dict, seed: int = 0) -> dict:
-  """Random inputs: uint8 for image-like keys listed as ("uint8", shape)."""
+  """{key: (dtype, shape, high)} -> a batch of arrays of those shapes:
+  integers uniform in [0, high), booleans all True (every modality present),
+  floats standard normal."""
   rng = np.random.default_rng(seed)
   batch = {}
   for key, (dtype, shape, high) in shapes.items():
