@@ -8,9 +8,13 @@
 Names: "mnist", "fsdd", "avmnist" (= its default config, "avmnist/noisy"),
 "avmnist/clean", "coco_mini" (86 CC BY / CC BY-SA COCO photos, 64x64, with 5
 human captions each; splits train 66 / test 20; captions come back as a numpy
-object array of 5 UTF-8 `bytes`). The builders read the repo's compact copies
-in data/ (`DEFAULT_SOURCE_DIR`) or another `source_dir` with the same layout;
-they never download. They are not in tfds's registry (tfds has its own
+object array of 5 UTF-8 `bytes`), "digits_qa" (= "digits_qa/default": questions
+about a 2x2 grid of MNIST digits and a spoken FSDD digit, image-only,
+audio-only and audio+image families; splits train 20,000 / val 1,000 / test
+2,000 / test_compositional 1,000, the last holding the family x digit
+combinations kept out of the others). The builders read the repo's compact
+copies in data/ (`DEFAULT_SOURCE_DIR`) or another `source_dir` with the same
+layout; they never download. They are not in tfds's registry (tfds has its own
 "mnist"); this module's `BUILDERS` is the name table.
 """
 
@@ -21,19 +25,20 @@ import re
 from mmjax.data.builders._common import DEFAULT_SOURCE_DIR
 from mmjax.data.builders.avmnist import AVMNIST_SNR_DB, Avmnist, AvmnistConfig
 from mmjax.data.builders.coco_mini import CocoMini
+from mmjax.data.builders.digits_qa import DigitsQa, DigitsQaConfig
 from mmjax.data.builders.fsdd import Fsdd
 from mmjax.data.builders.mnist import Mnist
 from mmjax.errors import UsageError
 
 BUILDERS: dict[str, type] = {"mnist": Mnist, "fsdd": Fsdd, "avmnist": Avmnist,
-                             "coco_mini": CocoMini}
+                             "coco_mini": CocoMini, "digits_qa": DigitsQa}
 
 FILE_FORMAT = "array_record"
 
 __all__ = [
     "AVMNIST_SNR_DB", "Avmnist", "AvmnistConfig", "BUILDERS", "CocoMini",
-    "DEFAULT_SOURCE_DIR", "FILE_FORMAT", "Fsdd", "Mnist", "get_builder",
-    "known_names",
+    "DEFAULT_SOURCE_DIR", "DigitsQa", "DigitsQaConfig", "FILE_FORMAT", "Fsdd",
+    "Mnist", "get_builder", "known_names",
 ]
 
 
@@ -70,8 +75,8 @@ def get_builder(name: str, data_dir: str, source_dir: str | None = None):
 
   Args:
     name: "mnist", "fsdd", "avmnist", "avmnist/noisy", "avmnist/clean",
-      "coco_mini" (tfds-style "name/config"; the full config name, e.g.
-      "avmnist/noisy_snr0db", works too).
+      "coco_mini", "digits_qa" (tfds-style "name/config"; the full config
+      name, e.g. "avmnist/noisy_snr0db", works too).
     data_dir: where built datasets live (data_dir/<name>/<config>/<version>).
     source_dir: the raw sources (default: the repo's data/). Only read when
       the dataset must be built.
