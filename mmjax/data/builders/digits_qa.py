@@ -44,7 +44,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
             "what is the sum of the {p} and {q} digits?",
             "add the {p} digit and the {q} digit."),
     "compare": ("is the {p} digit larger than the {q} digit?",
-                "is the digit at the {p} greater than the one at the {q}?",
+                "is the {p} digit greater than the {q} digit?",
                 "is the {p} digit bigger than the {q} one?"),
     "spoken": ("which digit was spoken?", "what digit do you hear?",
                "what number is said?"),
@@ -274,21 +274,25 @@ class DigitsQa(_common.LocalBuilder, skip_registration=True):
         spoken digit at exactly one random cell, the others != it.
       spoken_plus  "what is the spoken digit plus the bottom left digit?" ->
         "0".."18". Grid uniform.
-  The spoken digit is uniform 0..9 (0..9 without 7 where held out); the audio
-  of image-only families is a random recording too (a distractor).
+  The spoken digit is uniform over 0..9; in train/val/test, spoken,
+  spoken_in_grid and where_spoken draw it from 0..9 without 7 (held out), in
+  test_compositional it is 7. Image-only families get a recording too (a
+  distractor).
   Answer vocabulary ANSWERS (25): "0".."18", "yes", "no", the four positions.
 
   Sampling. Each split draws from numpy default_rng((seed, code)), code = 0..3
   for train, val, test, test_compositional, in order: the families of the
-  split's n examples are a random permutation of n // 8 (+1) of each (exactly
-  balanced); then per example, in record order: grid digits, spoken digit,
-  template and answer (`make_question`), one MNIST image per cell drawn
-  uniformly from the split's images of that digit (four different images),
-  one recording drawn uniformly from the split's recordings of the spoken
-  digit. Record i of a split is example i.
+  split's n examples, a random permutation of n // k (or one more) of each of
+  its k families (8; 4 in test_compositional); then per example, in record
+  order: the question (`make_question`: spoken digit, template, grid digits,
+  answer), one MNIST image per cell drawn uniformly from the split's images
+  of that digit (four different images), one recording drawn uniformly from
+  the split's recordings of the spoken digit. Record i of a split is
+  example i.
 
   Splits (default sizes; DigitsQaConfig):
-    train (20,000): MNIST train images 0..54,999; FSDD takes 0-34.
+    train (20,000): MNIST train images but the last 5,000 (55,000); FSDD
+      takes 0-34.
     val (1,000): the last 5,000 MNIST train images; takes 35-39.
     test (2,000): MNIST test images; takes 40-49.
     test_compositional (1,000): MNIST test images; takes 40-49; only the
@@ -296,12 +300,14 @@ class DigitsQa(_common.LocalBuilder, skip_registration=True):
       spoken_in_grid and where_spoken questions whose spoken digit is 7, and
       digit_at questions about the bottom right whose answer is 3. These
       never appear in train, val or test.
-  (FSDD's own split puts takes 0-4 in test; this one does not follow it, so
-  that val gets held-out takes too. All six speakers are in every split.)
+  (FSDD's own split, takes 0-4 test, is not followed: train, val and test
+  each get their own takes. All six speakers are in every split.)
 
-  Build of the default config: 24,000 examples in 7.0 s on 2 shared CPU
-  cores (measured; including reading and checking all 3,000 FSDD files),
-  149 MB of array_record (zstd; the audio is most of it).
+  Build of the default config: 24,000 examples in 7-9 s on 2 shared CPU
+  cores (measured, three builds; including reading and checking all 3,000
+  FSDD files), 149 MB (142 MiB) of array_record (zstd; mostly audio). Two
+  builds give equal records; the files' bytes differ, as protobuf writes each
+  record's feature map in no fixed order.
   Source: <source_dir>/mnist/mnist.npz and fsdd/ (index.csv, recordings).
   """
 
