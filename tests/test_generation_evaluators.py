@@ -2,6 +2,7 @@
 passing the run's tokenizer."""
 
 import collections
+import importlib.util
 import json
 import math
 import os
@@ -18,10 +19,11 @@ from mmjax.evaluators.captioning import (PUNCTUATIONS, caption_scores,
                                         tokenization_name)
 from mmjax.evaluators.vqa import normalize_answer
 
-pytest.importorskip("pycocoevalcap")
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
 HAS_JAVA = shutil.which("java") is not None
+needs_pycocoevalcap = pytest.mark.skipif(
+    importlib.util.find_spec("pycocoevalcap") is None,
+    reason="pycocoevalcap is not installed")
 TOKENIZER = ByteTokenizer(max_length=64)
 
 
@@ -96,6 +98,7 @@ REFERENCES = [
      "a plane in the sky over the sea"]]
 
 
+@needs_pycocoevalcap
 def test_bleu_matches_an_independent_implementation():
   results = dict(evaluators.captioning(
       predict, caption_batches(HYPOTHESES, REFERENCES), tokenizer=TOKENIZER,
@@ -115,6 +118,7 @@ def test_bleu_matches_an_independent_implementation():
     assert scores[f"BLEU-{n + 1}"] == pytest.approx(expected[n], rel=1e-6)
 
 
+@needs_pycocoevalcap
 def test_identical_captions_score_high_and_unrelated_ones_zero():
   first = [r[0] for r in REFERENCES]
   same = dict(evaluators.captioning(
@@ -134,6 +138,7 @@ def test_identical_captions_score_high_and_unrelated_ones_zero():
                         "ROUGE-L"}
 
 
+@needs_pycocoevalcap
 def test_captioning_skips_padding_and_stops_at_max_examples():
   calls = []
 
@@ -172,6 +177,7 @@ def test_captioning_skips_padding_and_stops_at_max_examples():
     dict(evaluators.captioning(predict, batches))
 
 
+@needs_pycocoevalcap
 def test_python_tokenization_mimics_ptb():
   assert PUNCTUATIONS == tuple(pytest.importorskip(
       "pycocoevalcap.tokenizer.ptbtokenizer").PUNCTUATIONS)
@@ -184,6 +190,22 @@ def test_python_tokenization_mimics_ptb():
                                                 else "python")
 
 
+@needs_pycocoevalcap
+def test_captioning_without_java_uses_the_python_tokenization(monkeypatch,
+                                                              caplog):
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  assert tokenization_name() == "python"
+  with caplog.at_level("INFO", logger="mmjax.evaluators.captioning"):
+    results = dict(evaluators.captioning(
+        predict, caption_batches(HYPOTHESES, REFERENCES),
+        tokenizer=TOKENIZER, java_metrics=True))  # no METEOR without Java
+  assert results == pytest.approx(caption_scores(
+      HYPOTHESES, REFERENCES, tokenization="python"))
+  assert "5 captions, python tokenisation" in caplog.text
+  assert "no METEOR" in caplog.text
+
+
+@needs_pycocoevalcap
 @pytest.mark.skipif(not HAS_JAVA, reason="no java on the PATH")
 def test_ptb_tokenization_matches_pycocoevalcap_and_the_python_mimic():
   ptbtokenizer = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
@@ -206,6 +228,7 @@ def test_ptb_tokenization_matches_pycocoevalcap_and_the_python_mimic():
 
 
 @pytest.mark.slow  # METEOR's Java start takes ~10 s
+@needs_pycocoevalcap
 @pytest.mark.skipif(not HAS_JAVA, reason="no java on the PATH")
 def test_meteor_with_java_metrics():
   results = dict(evaluators.captioning(
