@@ -26,6 +26,8 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
         "tqdm>=4.60",
         "pillow>=10",  # resizing variable-size images (pipeline.ResizeImage)
+        # Caption metrics (BLEU, CIDEr-D, ROUGE-L; mmjax.evaluators.captioning)
+        "pycocoevalcap>=1.2",
     ],
     extras_require={
         "test": ["pytest>=8", "librosa>=0.10,<0.12", "tokenizers>=0.15",

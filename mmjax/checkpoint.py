@@ -130,6 +130,29 @@ def _pytree_fields(x) -> list[str] | None:
           if f.metadata.get("pytree_node", True)]
 
 
+def read_params(workdir: str) -> dict:
+  """The parameters of the latest checkpoint of the run in `workdir`, as
+  stored (host arrays; no model needed): for loading a trained part of one
+  run into another (`experiment.load_pretrained`, "run:<workdir>").
+  UsageError if there is none."""
+  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  if not directory.is_dir():
+    raise UsageError(f"no checkpoints in {directory}")
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False,
+                                                      read_only=True),
+      item_names=("state", "data"))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise UsageError(f"no checkpoints in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  return jax.device_get(restored["state"]["params"])
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator state) pairs by step.
 

@@ -83,16 +83,22 @@ def parse_flags(argv: Sequence[str], program: Program
   return options, overrides
 
 
-def parse_command_line(argv: Sequence[str], program: Program | str = TRAIN):
-  """argv (without the program) -> (locked, checked config, workdir)."""
+def parse_config_and_flags(argv: Sequence[str], program: Program):
+  """argv (without the program) -> (locked, checked config, {flag: value})."""
   # Imported here: checking names the registries, which import jax and flax.
   from mmjax import experiment  # pylint: disable=import-outside-toplevel
-  if isinstance(program, str):
-    program = {"train": TRAIN, "evaluate": EVALUATE}[program]
   options, overrides = parse_flags(argv, program)
   config = configs.apply_overrides(configs.load_config(options["config"]),
                                    overrides)
   experiment.check_config(config)
+  return config, options
+
+
+def parse_command_line(argv: Sequence[str], program: Program | str = TRAIN):
+  """argv (without the program) -> (locked, checked config, workdir)."""
+  if isinstance(program, str):
+    program = {"train": TRAIN, "evaluate": EVALUATE}[program]
+  config, options = parse_config_and_flags(argv, program)
   return config, options["workdir"]
 
 

@@ -28,7 +28,8 @@ from mmjax import (configs, evaluators, methods, objectives, parallel,
                    registry, results, rundir)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
-from mmjax.models import pretrained
+from mmjax import checkpoint
+from mmjax.models import generative, pretrained
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
@@ -88,6 +89,8 @@ def check_config(config):
     registry.check("evaluators", name, evaluators.EVALUATORS)
   if config.objective == "supervised":
     check_classifier(config.model)
+  elif config.objective == "captioning":
+    check_generative(config)
   elif config.model.get("unimodal_heads", "none") != "none":
     raise UsageError("config key 'model.unimodal_heads' needs objective "
                      "'supervised'")
@@ -132,6 +135,22 @@ def check_classifier(model_config):
   if heads != "none" and getattr(fusion, "takes_inputs", False):
     raise UsageError(f"config key 'model.unimodal_heads' needs per-modality "
                      f"encoders; fusion '{model_config.fusion}' has none")
+
+
+def check_generative(config):
+  """The generative model's keys: conditioning, decoder, generation."""
+  configs.check_choice("model.conditioning",
+                       config.model.get("conditioning", "prefix"),
+                       generative.CONDITIONINGS)
+  if not config.model.get("decoder"):
+    raise UsageError("config key 'model.decoder' is needed by objective "
+                     "'captioning'")
+  options = config.get("generation") or {}
+  configs.check_choice("generation.method", options.get("method", "greedy"),
+                       generative.DECODING_METHODS)
+  if options.get("max_new_tokens", 1) <= 0:
+    raise UsageError("config key 'generation.max_new_tokens' must be "
+                     "positive")
 
 
 # ------------------------------------------------------ model & optimizer ---
@@ -222,22 +241,43 @@ def example_batch_spec(source, config, batch_size: int) -> dict:
           for k, v in ds[0].items()}
 
 
+def _subtree(params: dict, path: str, where: str):
+  """params at "a/b/c" (UsageError naming `where` if it is not there)."""
+  node = params
+  for key in path.split("/"):
+    if not isinstance(node, dict) or key not in node:
+      raise UsageError(f"{where} has no parameters at '{path}'")
+    node = node[key]
+  return node
+
+
+def pretrained_weights(path: str, name: str):
+  """The weights that `model.init` entry {path: name} names: "minilm"
+  (sentence-transformers all-MiniLM-L6-v2, `mmjax.models.pretrained`) or
+  "run:<workdir>", the subtree at `path` of another mmjax run's latest
+  checkpoint (e.g. the text-only LM a Flamingo model freezes)."""
+  if name.startswith("run:"):
+    workdir = name[len("run:"):]
+    return _subtree(checkpoint.read_params(workdir), path,
+                    f"config key 'model.init.{path}': run {workdir}")
+  loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
+  configs.check_choice(f"model.init.{path}", name, [*loaders, "run:<workdir>"])
+  return loaders[name]()
+
+
 def load_pretrained(state: TrainState, inits) -> TrainState:
   """Overwrites parameter subtrees with pretrained weights, keeping shardings.
 
   `inits` maps a parameter path ("tower_text/encoder") to a pretrained
-  checkpoint name: "minilm" is sentence-transformers all-MiniLM-L6-v2
-  (`mmjax.models.pretrained`).
+  checkpoint name (`pretrained_weights`).
   """
-  loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
   params = jax.tree.map(lambda x: x, state.params)  # fresh containers
   for path, name in inits.items():
-    configs.check_choice(f"model.init.{path}", name, loaders)
     *parents, leaf = path.split("/")
     node = params
     for key in parents:
       node = node[key]
-    old, new = node[leaf], loaders[name]()
+    old, new = node[leaf], pretrained_weights(path, name)
     if jax.tree.structure(old) != jax.tree.structure(new) or any(
         o.shape != np.shape(n) for o, n in zip(jax.tree.leaves(old),
                                                jax.tree.leaves(new))):
@@ -275,10 +315,17 @@ def create_train_state(config, model, tx, batch_spec, mesh,
   return state, shardings
 
 
-def make_predict_fn(model):
+def make_predict_fn(model, generation=None):
   """(state, batch) -> the model's outputs as a dict: {"logits", and for late
   fusion "modality_logits", "modality_present"}, or the contrastive model's
-  {"embedding/<m>", ...}."""
+  {"embedding/<m>", ...}; with `generation` (a generative model's decoding
+  options, `mmjax.models.generative.generate`'s keywords) {"tokens" int32
+  [B, max_new_tokens]}, the decoded ids."""
+  if generation is not None:
+    return jax.jit(lambda state, batch: {"tokens": generative.generate(
+        model, {"params": state.params, "batch_stats": state.batch_stats},
+        batch, **generation)})
+
   def predict(state: TrainState, batch: dict) -> dict:
     outputs, extra = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, batch,
@@ -344,6 +391,17 @@ class Experiment:
                           for s, source in self.eval_sources.items()}
 
 
+def generation_options(config) -> dict | None:
+  """A generative model's decoding options (`config.generation`, with the
+  end token from the tokenizer), or None for other models."""
+  if config.objective != "captioning":
+    return None
+  options = dict(config.get("generation") or {})
+  options.setdefault("max_new_tokens", config.text.max_length)
+  options.setdefault("eos_id", pipeline.text_tokenizer(config).eos_id)
+  return options
+
+
 def build(config, training: bool = True) -> Experiment:
   """Every part of the run of `config` (module docstring).
 
@@ -381,7 +439,7 @@ def _build(config, training: bool) -> Experiment:
   tx, schedule = build_optimizer(config)
   run = Experiment(config, mesh, train_source, eval_sources, model, tx,
                    schedule, methods.Method(), None, None,
-                   make_predict_fn(model))
+                   make_predict_fn(model, generation_options(config)))
   run.method = methods.build(config, run if training else None)
   run.state, run.shardings = create_train_state(config, model, tx, batch_spec,
                                                 mesh, run.method)

@@ -6,6 +6,8 @@
   sigmoid       SigLIP pairwise sigmoid loss between towers.
   sigmoid_ring  SigLIP computed blockwise around a ring of devices
                 (`shard_map` + `ppermute`), never holding the [B, B] logits.
+  captioning    next-token cross-entropy of a generative model's logits
+                (`mmjax.models.generative`), averaged over the target tokens.
 
 The contrastive objectives read `outputs["embedding/<m>"]` [B, D] for every
 modality and average the loss over all pairs of towers (one pair for two
@@ -72,6 +74,30 @@ def supervised(outputs, batch: dict, weights: dict | None = None):
   return loss, metrics
 
 
+def captioning(outputs, batch: dict, weights=None):
+  """Next-token cross-entropy over the real target tokens.
+
+  outputs["logits"]: float32 [B, L, V], the teacher-forced predictions of
+    batch["text"] int32 [B, L] (padding id 0 is left out of the mean; the end
+    token counts). `weights` must be None.
+
+  Returns (loss, {"loss", "token_accuracy", "perplexity"}), each over the
+  batch's target tokens. Under gradient accumulation every microbatch's
+  token mean counts equally (exact when microbatches hold as many tokens).
+  """
+  if weights is not None:
+    raise ValueError("the captioning objective takes no head weights")
+  targets = batch["text"]
+  mask = (targets != 0).astype(jnp.float32)
+  count = jnp.maximum(mask.sum(), 1.0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(outputs["logits"],
+                                                       targets)
+  loss = jnp.sum(ce * mask) / count
+  correct = jnp.argmax(outputs["logits"], -1) == targets
+  return loss, {"loss": loss, "token_accuracy": jnp.sum(correct * mask) / count,
+                "perplexity": jnp.exp(loss)}
+
+
 def _pairwise(pair_loss, outputs: dict, batch: dict, weights=None):
   """Mean of `pair_loss(x, y, outputs)` over all pairs of embeddings
   (`weights`, the supervised objective's head weights, must be None)."""
@@ -112,9 +138,11 @@ def whole_batch(objective) -> bool:
   return bool(getattr(objective, "whole_batch", False))
 
 
-OBJECTIVES = ("supervised", "softmax", "sigmoid", "sigmoid_ring")
+OBJECTIVES = ("supervised", "softmax", "sigmoid", "sigmoid_ring",
+              "captioning")
+PER_EXAMPLE = {"supervised": supervised, "captioning": captioning}
 
 
 def make_objective(name: str, mesh):
   """The objective function for config key `objective`."""
-  return supervised if name == "supervised" else contrastive(name, mesh)
+  return PER_EXAMPLE[name] if name in PER_EXAMPLE else contrastive(name, mesh)

@@ -7,7 +7,9 @@ the batch axis. The iterator's position is `get_state()` / `set_state()`, a
 small JSON-able dict saved in every checkpoint.
 
 Every example leaves the pipeline as `{modality: array, "mask/<modality>":
-bool, "label": int32}`; a waveform is padded or cut to `audio_length` so that
+bool, "label": int32}`, plus the token fields of generative models ("text",
+"prompt") and a question family ("family") where the record has them; a
+waveform is padded or cut to `audio_length` so that
 shapes are static under jit. A modality the record lacks is left out (e.g.
 "text" on a labelled eval split that zero-shot classifies from prompts), as
 is a missing label. With `config.text.templates`, training examples get
@@ -55,9 +57,19 @@ class Preprocess(grain.transforms.Map):
       example[f"mask/{m}"] = np.bool_(True)
     if "label" in record:
       example["label"] = np.int32(record["label"])
+    for key in KEPT_FIELDS:  # tokenised targets, prompts, question families
+      if key not in example and key in record and np.issubdtype(
+          np.asarray(record[key]).dtype, np.number):
+        example[key] = np.asarray(record[key])
     if "valid/text" in record:
       example["valid/text"] = record["valid/text"]
     return example
+
+
+# Numeric record fields that leave the pipeline even when they are not a
+# modality: a generative model's target and prompt token ids, a question's
+# family (`TokenizeFields`, `mmjax.models.generative`).
+KEPT_FIELDS = ("text", "prompt", "family")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +150,23 @@ class AllCaptions(grain.transforms.Map):
     text[:len(captions)] = ids
     valid = np.arange(self.num_captions) < len(captions)
     return {**record, "text": text, "valid/text": valid}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeFields(grain.transforms.Map):
+  """Text fields tokenised into batch keys: `fields` maps a record field to
+  the key of its ids int32 [max_length] (e.g. {"question": "prompt",
+  "answer": "text"} for question answering with a generative model, or
+  {"question": "text"} for a classifier reading the question as its text
+  modality)."""
+  tokenizer: Callable
+  fields: tuple[tuple[str, str], ...]
+
+  def map(self, record):
+    out = dict(record)
+    for source, key in self.fields:
+      out[key] = self.tokenizer(_strings(field(record, source))[:1])[0][0]
+    return out
 
 
 def field(record, key: str):
@@ -239,7 +268,16 @@ def train_transforms(ds: grain.MapDataset, config) -> grain.MapDataset:
   if config.get("text") and config.text.get("captions_key"):
     ds = ds.random_map(CaptionText(text_tokenizer(config),
                                    config.text.captions_key))
-  return ds.map(Preprocess(tuple(config.modalities), config.audio_length))
+  return _text_fields(ds, config).map(
+      Preprocess(tuple(config.modalities), config.audio_length))
+
+
+def _text_fields(ds: grain.MapDataset, config) -> grain.MapDataset:
+  """`ds` with `config.text.fields` ({record field: batch key}) tokenised."""
+  if not (config.get("text") and config.text.get("fields")):
+    return ds
+  return ds.map(TokenizeFields(text_tokenizer(config),
+                               tuple(config.text.fields.items())))
 
 
 class TrainIterator:
@@ -294,7 +332,8 @@ class EvalBatches:
                               config.text.num_captions,
                               config.text.captions_key))
     self._dataset = (
-        ds.map(Preprocess(tuple(config.modalities), config.audio_length))
+        _text_fields(ds, config)
+        .map(Preprocess(tuple(config.modalities), config.audio_length))
         .batch(self._local_batch, drop_remainder=False))
 
   def __iter__(self) -> Iterator[dict]:

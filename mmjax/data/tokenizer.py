@@ -73,6 +73,12 @@ class WordPieceTokenizer:
     """The number of ids, special tokens included."""
     return self._tokenizer.get_vocab_size()
 
+  @property
+  def eos_id(self) -> int | None:
+    """The id of [SEP], which ends every row (None if the vocabulary has
+    none): where a decoder trained on these rows stops."""
+    return self._tokenizer.token_to_id("[SEP]")
+
   def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenises a batch of texts.
 

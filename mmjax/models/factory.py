@@ -3,13 +3,16 @@
 `MultimodalClassifier` and `ContrastiveModel` take modules; these factories
 look up the names a config holds and build them:
 
-  build_model(config)              the classifier (objective "supervised") or
+  build_model(config)              the classifier (objective "supervised"),
+                                   the generative model ("captioning") or
                                    the contrastive towers, from the whole
                                    ml_collections config
   classifier_from_config(config)   the classifier from `config.modalities`
                                    and `config.model`
   contrastive_from_config(config)  the towers, `config.frozen` locking encoders
+  generative_from_config(config)   the encoders and text decoder
   build_classifier(...)            the classifier from plain specs
+  build_generative(...)            the generative model from plain specs
   build_contrastive(...)           the towers from plain specs
   build_encoders(...)              {modality: encoder}, {modality: front end}
 
@@ -41,6 +44,8 @@ import jax.numpy as jnp
 from mmjax import registry
 from mmjax.models import precision
 from mmjax.models.contrastive import ContrastiveModel
+from mmjax.models.decoder import TextDecoder
+from mmjax.models.generative import GenerativeModel
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS, Unimodal
 from mmjax.models.layers import MLP, NO_REMAT, checkpoint_policy
@@ -182,6 +187,38 @@ def build_contrastive(*, modalities: Sequence[str],
                           param_dtype=options["param_dtype"])
 
 
+def build_generative(*, modalities: Sequence[str],
+                     encoders: Mapping[str, Mapping], decoder: Mapping,
+                     conditioning: str = "prefix", dtype="float32",
+                     param_dtype="float32", remat: str = NO_REMAT,
+                     scan_layers: bool = False,
+                     **kwargs) -> GenerativeModel:
+  """`GenerativeModel` from names.
+
+  Args:
+    modalities: the media modalities (may be empty: a text-only LM).
+    encoders: per modality an encoder spec (see `build_encoders`).
+    decoder: `TextDecoder`'s keyword arguments (vocab_size, width,
+      num_layers, num_heads, mlp_dim, max_length, positions, dropout);
+      `cross_attention` follows `conditioning`.
+    conditioning: a `mmjax.models.generative.CONDITIONINGS` entry.
+    dtype, param_dtype, remat, scan_layers: as `build_classifier`'s.
+    **kwargs: the rest of `GenerativeModel`'s fields (bos_id, num_latents,
+      resampler_layers, xattn_every, num_heads).
+  """
+  options = model_options(dtype, param_dtype, remat, scan_layers)
+  encoder_modules, frontends = build_encoders(encoders, modalities,
+                                              options=options)
+  dtypes = dict(dtype=options["dtype"], param_dtype=options["param_dtype"])
+  text_decoder = TextDecoder(**{
+      **dict(decoder), "cross_attention": conditioning == "cross_attention",
+      "remat": remat, **dtypes})
+  return GenerativeModel(modalities=tuple(modalities),
+                         encoders=encoder_modules, frontends=frontends,
+                         decoder=text_decoder, conditioning=conditioning,
+                         **kwargs, **dtypes)
+
+
 def _config_options(config) -> dict:
   """dtype, param_dtype, remat and scan_layers of a config (`set_training`'s
   keys; a config without them gets float32, no remat, no scan)."""
@@ -227,8 +264,23 @@ def contrastive_from_config(config) -> ContrastiveModel:
       **_config_options(config))
 
 
-def build_model(config) -> MultimodalClassifier | ContrastiveModel:
-  """The classifier (objective "supervised") or the contrastive towers."""
-  if config.objective != "supervised":
-    return contrastive_from_config(config)
-  return classifier_from_config(config)
+def generative_from_config(config) -> GenerativeModel:
+  """The generative model of `config.modalities` and `config.model`
+  (encoders, decoder, conditioning and `GenerativeModel`'s other fields),
+  with the config's dtype, param_dtype, remat and scan_layers."""
+  model = _plain(config.model)
+  for key in ("init", "num_classes"):  # not the model's
+    model.pop(key, None)
+  return build_generative(modalities=tuple(config.modalities), **model,
+                          **_config_options(config))
+
+
+MODEL_FACTORIES = {"supervised": classifier_from_config,
+                   "captioning": generative_from_config}
+
+
+def build_model(config):
+  """The classifier (objective "supervised"), the generative model
+  ("captioning") or the contrastive towers (every other objective)."""
+  return MODEL_FACTORIES.get(config.objective,
+                             contrastive_from_config)(config)
