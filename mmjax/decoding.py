@@ -232,18 +232,21 @@ def _beam_step(beams: _Beams, logits: jnp.ndarray, i, *, eos_id: int,
 
 def _beams_done(beams: _Beams, max_new_tokens: int,
                 length_penalty: float) -> jnp.ndarray:
-  """[B] True where no alive beam can beat the worst finished hypothesis.
+  """[B] True where no alive beam can beat the best finished hypothesis,
+  so that the result (the best finished one) can no longer change.
 
   Log-probs only fall as tokens are added, and with a non-negative length
   penalty the normalisation grows with the length, so the best score an
   alive beam can reach is its log-prob over the penalty of max_new_tokens.
-  With a negative penalty there is no such bound: never done early.
+  (T5X compares with the worst finished hypothesis, as it returns all of
+  them; only the best is returned here.) With a negative penalty there is
+  no such bound: never done early.
   """
   if length_penalty < 0:
     return jnp.zeros(beams.fin_scores.shape[:1], bool)
   bound = beams.live_logprobs[:, 0] / _length_norm(max_new_tokens,
                                                     length_penalty)
-  return bound <= beams.fin_scores[:, -1]
+  return bound <= beams.fin_scores[:, 0]
 
 
 def beam_search(step_fn: StepFn, first_logits: jnp.ndarray, cache: Cache, *,
@@ -261,7 +264,7 @@ def beam_search(step_fn: StepFn, first_logits: jnp.ndarray, cache: Cache, *,
   tokens including EOS; `scores` are those of the returned tokens. The
   cache is tiled to B * beam_size rows (`tile_beams`) and reordered by the
   parent beams every step (`gather_beams`); `step_fn` then sees a batch of
-  B * beam_size. The search stops once no alive beam can beat the worst
+  B * beam_size. The search stops once no alive beam can beat the best
   finished hypothesis (with length_penalty >= 0; else it runs to the end).
   The options are static.
   """
