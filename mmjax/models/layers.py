@@ -235,19 +235,22 @@ def key_mask(present: jnp.ndarray, num_queries: int,
 class FeedForward(nn.Module):
   """The transformer MLP: Dense(mlp_dim) -> GELU -> dropout -> Dense(D).
 
-  [..., D] -> [..., D] in `dtype`; parameters in `param_dtype`.
+  [..., D] -> [..., D] in `dtype`; parameters in `param_dtype`. GELU is the
+  exact (erf) one unless `approximate_gelu` (GPT-2's tanh approximation).
   """
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     width = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    x = nn.gelu(dense(self.mlp_dim, name="dense_0")(x), approximate=False)
+    x = nn.gelu(dense(self.mlp_dim, name="dense_0")(x),
+                approximate=self.approximate_gelu)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return dense(width, name="dense_1")(x)
 
