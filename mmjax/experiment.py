@@ -441,8 +441,11 @@ def _build(config, training: bool) -> Experiment:
                    schedule, methods.Method(), None, None,
                    make_predict_fn(model, generation_options(config)))
   run.method = methods.build(config, run if training else None)
-  run.state, run.shardings = create_train_state(config, model, tx, batch_spec,
-                                                mesh, run.method)
+  try:
+    run.state, run.shardings = create_train_state(config, model, tx,
+                                                  batch_spec, mesh, run.method)
+  except ValueError as e:  # the model does not fit the data's shapes
+    raise UsageError(f"config key 'model': {str(e).splitlines()[0]}") from None
   if config.model.get("init"):
     run.state = load_pretrained(run.state, config.model.init)
   run.evaluators = {

@@ -158,15 +158,29 @@ class TokenizeFields(grain.transforms.Map):
   the key of its ids int32 [max_length] (e.g. {"question": "prompt",
   "answer": "text"} for question answering with a generative model, or
   {"question": "text"} for a classifier reading the question as its text
-  modality)."""
+  modality); `lengths` ({key: L}) makes a key's ids shorter (`shorten`),
+  e.g. short answers after long questions."""
   tokenizer: Callable
   fields: tuple[tuple[str, str], ...]
+  lengths: tuple[tuple[str, int], ...] = ()
 
   def map(self, record):
     out = dict(record)
+    lengths = dict(self.lengths)
     for source, key in self.fields:
-      out[key] = self.tokenizer(_strings(field(record, source))[:1])[0][0]
+      ids = self.tokenizer(_strings(field(record, source))[:1])[0][0]
+      out[key] = shorten(ids, lengths[key], self.tokenizer.eos_id) if (
+          key in lengths) else ids
     return out
+
+
+def shorten(ids: np.ndarray, length: int, eos_id: int) -> np.ndarray:
+  """Token ids [L] cut to [length], still ending in `eos_id` if they were
+  cut inside the text (padding is id 0)."""
+  ids = np.array(ids[:length])
+  if ids[-1] not in (0, eos_id):
+    ids[-1] = eos_id
+  return ids
 
 
 def field(record, key: str):
@@ -276,8 +290,9 @@ def _text_fields(ds: grain.MapDataset, config) -> grain.MapDataset:
   """`ds` with `config.text.fields` ({record field: batch key}) tokenised."""
   if not (config.get("text") and config.text.get("fields")):
     return ds
-  return ds.map(TokenizeFields(text_tokenizer(config),
-                               tuple(config.text.fields.items())))
+  return ds.map(TokenizeFields(
+      text_tokenizer(config), tuple(config.text.fields.items()),
+      tuple((config.text.get("lengths") or {}).items())))
 
 
 class TrainIterator:

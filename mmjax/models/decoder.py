@@ -281,7 +281,8 @@ class TextDecoder(nn.Module):
       start = index.value
       index.value = start + length
     elif length > self.max_length:
-      raise ValueError(f"sequence length {length} exceeds max_length="
+      raise ValueError(f"the decoder's sequence of {length} positions "
+                       f"(prefix and tokens) exceeds its max_length="
                        f"{self.max_length}")
     positions = start + jnp.arange(length)
     if self.positions == "learned":
