@@ -155,3 +155,88 @@ def minilm_tokenizer(max_length: int | None = None) -> WordPieceTokenizer:
     max_length = (json.loads(settings.read_text())["max_seq_length"]
                   if settings.is_file() else 256)
   return WordPieceTokenizer(files.tokenizer, max_length)
+
+
+class HuggingFaceTokenizer:
+  """A Hugging Face `tokenizer.json` for a causal LM: B strings -> ids int32,
+  mask bool [B, L].
+
+  For GPT-2's byte-level BPE (Radford et al. 2019; Sennrich et al., "Neural
+  Machine Translation of Rare Words with Subword Units", ACL 2016) and any
+  other `tokenizers.Tokenizer` file. Each row is the text's ids (without the
+  file's own special tokens, e.g. a BOS) then the end token `eos_id`, cut to
+  `max_length` (the end token is kept) and right-padded with `pad_id` to
+  exactly `max_length`.
+
+  Padding: GPT-2 has no padding token and its id 0 is "!", a real token, so
+  the padding id cannot tell padding apart. `pad_id` defaults to `eos_id`
+  (pad with the end token), and `mask` (from the row lengths, not the ids)
+  says which positions are real: True at the text's ids and its one end
+  token. `decode` stops at each row's first end token, so what follows it
+  (padding of any id) never matters. Passing `pad_id=0` gives mmjax's
+  generative convention (targets != 0 are the loss positions); with GPT-2's
+  vocabulary that also drops "!" from the loss, so prefer the mask.
+
+  Args:
+    path: a `tokenizer.json` (needs the optional `tokenizers` package,
+      `pip install -e ".[text]"`).
+    max_length: L, the fixed length of every row (at least 1).
+    eos_token: the end token, which must be in the vocabulary.
+    pad_id: the padding id; default `eos_id`.
+  """
+
+  def __init__(self, path: str | os.PathLike, max_length: int = 128, *,
+               eos_token: str = "<|endoftext|>", pad_id: int | None = None):
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"tokenizer file {path} does not exist "
+                              "(expected a tokenizer.json)")
+    if max_length < 1:
+      raise ValueError(f"max_length must be positive, got {max_length}")
+    self._tokenizer = _tokenizers().Tokenizer.from_file(str(path))
+    self._tokenizer.no_truncation()
+    self._tokenizer.no_padding()
+    self.eos_id = self._tokenizer.token_to_id(eos_token)
+    if self.eos_id is None:
+      raise ValueError(f"end token {eos_token!r} is not in the vocabulary of "
+                       f"{path}")
+    self.pad_id = self.eos_id if pad_id is None else int(pad_id)
+    if not 0 <= self.pad_id < self.vocab_size:
+      raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary "
+                       f"[0, {self.vocab_size})")
+    self.max_length = max_length
+
+  @property
+  def vocab_size(self) -> int:
+    """The number of ids, added (special) tokens included."""
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises a batch of texts.
+
+    Args:
+      texts: B strings.
+
+    Returns:
+      ids: int32 [B, max_length], each row text ids, `eos_id`, then `pad_id`.
+      mask: bool [B, max_length], True at the text ids and the `eos_id`.
+    """
+    if isinstance(texts, str):
+      raise TypeError("texts must be a sequence of strings, not one string")
+    texts = list(texts)
+    ids = np.full((len(texts), self.max_length), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), self.max_length), bool)
+    encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+    for i, encoding in enumerate(encodings):
+      row = encoding.ids[:self.max_length - 1] + [self.eos_id]
+      ids[i, :len(row)] = row
+      mask[i, :len(row)] = True
+    return ids, mask
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """ids [B, L] -> B strings, each up to its row's first `eos_id` (the
+    whole row if none), without special tokens."""
+    rows = []
+    for row in np.asarray(ids).tolist():
+      rows.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
+    return self._tokenizer.decode_batch(rows, skip_special_tokens=True)

@@ -1,0 +1,352 @@
+"""Pretrained causal language models as `TextDecoder`s, converted without torch.
+
+`load_gpt2(directory)` reads a Hugging Face GPT-2-family checkpoint (Radford
+et al., "Language Models are Unsupervised Multitask Learners", 2019): a
+directory with `config.json` (model_type "gpt2") and `model.safetensors` (or
+the shards of `model.safetensors.index.json`), tensors named as in
+`GPT2LMHeadModel` ("transformer.h.0.attn.c_attn.weight", ..., "lm_head.weight")
+or `GPT2Model` (no prefix). It returns `TextDecoder` keyword arguments and the
+decoder's Flax parameters:
+
+  kwargs, params = load_gpt2("path/to/gpt2")
+  decoder = TextDecoder(**kwargs)
+  logits = decoder.apply({"params": params}, ids)   # ids [B, T] -> [B, T, V]
+
+with the data package's `HuggingFaceTokenizer(".../tokenizer.json", L)`.
+Needs only `safetensors` (`pip install -e ".[text]"`); torch is never
+imported. The logits match `GPT2LMHeadModel`'s to about 1e-6 in float32
+(tests/test_causal_lm.py, also through the KV cache).
+
+Mapping (D = n_embd, H = n_head, Dh = D / H; GPT-2's Conv1D weights are
+[in, out] already, so no transposes):
+
+  wte [V, D], wpe [n_positions, D]   token_embeddings/embedding,
+                                     position_embeddings (max_length =
+                                     n_positions, positions="learned")
+  h.<i>.ln_1, ln_2, ln_f             layer_<i>/norm_attention, norm_mlp,
+                                     norm_out {scale, bias}
+  h.<i>.attn.c_attn [D, 3D]          layer_<i>/attention/{query,key,value}
+                                     [D, H, Dh] (q, k, v in this order)
+  h.<i>.attn.c_proj [D, D]           layer_<i>/attention/out [H, Dh, D]
+  h.<i>.mlp.c_fc, c_proj             layer_<i>/mlp/dense_0, dense_1
+  lm_head [V, D]                     tied to wte (TextDecoder's head is
+                                     `embed.attend`); checked to equal it
+
+activation_function "gelu_new", "gelu_pytorch_tanh" and "gelu_fast" (the
+same tanh approximation) give approximate_gelu=True, "gelu" (erf) False.
+GPT-2's dropout rates (embd_pdrop, attn_pdrop, resid_pdrop) are not part of
+the architecture and not returned: pass TextDecoder's single `dropout`
+yourself to fine-tune.
+
+What TextDecoder cannot represent is refused with a ValueError naming the
+config key or tensor: other activations, scale_attn_weights=False,
+scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn (refused rather
+than assumed equivalent), add_cross_attention (GPT-2's cross-attention
+blocks have another layout), and an untied lm_head that differs from wte.
+A checkpoint whose tensors do not fit the config's decoder (a missing,
+left-over or wrongly shaped tensor) is refused naming the first such
+parameter (`first_mismatch`, `check_fits`).
+
+Llama-family checkpoints (Touvron et al., "LLaMA: Open and Efficient
+Foundation Language Models", 2023) are deliberately not supported:
+TextDecoder has LayerNorm with biases rather than RMSNorm, a GELU MLP rather
+than SwiGLU, a head tied to the input embeddings, and as many key/value heads
+as query heads (no grouped-query attention), so a Llama could not be loaded
+faithfully. Its rotary positions alone are there (positions="rotary").
+"""
+
+from collections.abc import Mapping
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+
+from mmjax.models.decoder import TextDecoder
+
+# activation_function -> TextDecoder's approximate_gelu.
+GPT2_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True,
+                    "gelu_fast": True, "gelu": False}
+
+# Config flags with the only value TextDecoder implements.
+_REQUIRED_FLAGS = {"scale_attn_weights": True,
+                   "scale_attn_by_inverse_layer_idx": False,
+                   "reorder_and_upcast_attn": False,
+                   "add_cross_attention": False}
+
+_PREFIX = "transformer."
+# Non-parameter buffers of older GPT-2 checkpoints (the causal mask).
+_BUFFERS = ("attn.bias", "attn.masked_bias")
+
+
+def gpt2_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+  """`TextDecoder` keyword arguments from a Hugging Face GPT-2 config.json.
+
+  Returns:
+    vocab_size, width (n_embd), num_layers (n_layer), num_heads (n_head),
+    mlp_dim (n_inner, default 4 n_embd), max_length (n_positions),
+    positions="learned", layer_norm_epsilon and approximate_gelu.
+
+  Raises:
+    ValueError: naming the config key TextDecoder cannot represent.
+  """
+  model_type = hf_config.get("model_type")
+  if model_type != "gpt2":
+    raise ValueError(f"config.json: model_type {model_type!r} is not "
+                     "supported; load_gpt2 reads model_type 'gpt2'")
+  activation = hf_config.get("activation_function", "gelu_new")
+  if activation not in GPT2_ACTIVATIONS:
+    raise ValueError(f"config.json: activation_function {activation!r} is "
+                     "not supported; TextDecoder has "
+                     f"{sorted(GPT2_ACTIVATIONS)}")
+  for key, value in _REQUIRED_FLAGS.items():
+    if bool(hf_config.get(key, value)) != value:
+      raise ValueError(f"config.json: {key}={hf_config[key]!r} is not "
+                       f"supported; TextDecoder needs {key}={value}")
+  width, heads = hf_config["n_embd"], hf_config["n_head"]
+  if width % heads:
+    raise ValueError(f"config.json: n_embd={width} is not divisible by "
+                     f"n_head={heads}")
+  return dict(
+      vocab_size=hf_config["vocab_size"],
+      width=width,
+      num_layers=hf_config["n_layer"],
+      num_heads=heads,
+      mlp_dim=hf_config.get("n_inner") or 4 * width,
+      max_length=hf_config["n_positions"],
+      positions="learned",
+      layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
+      approximate_gelu=GPT2_ACTIVATIONS[activation])
+
+
+def _split_heads(x: np.ndarray, num_heads: int, pattern: str) -> np.ndarray:
+  """rearrange(x, pattern) into heads; an x whose width is not divisible by
+  num_heads is returned as it is, for `check_fits` to report."""
+  axis = 0 if pattern.startswith("(") else -1
+  if x.shape[axis] % num_heads:
+    return x
+  return rearrange(x, pattern, h=num_heads)
+
+
+def convert_gpt2(state: Mapping[str, Any], config: Mapping[str, Any],
+                 dtype=np.float32) -> dict[str, Any]:
+  """Hugging Face GPT-2 tensors -> `TextDecoder` parameters.
+
+  Args:
+    state: name -> array, `GPT2Model` names ("wte.weight",
+      "h.0.attn.c_attn.weight", ...), or `GPT2LMHeadModel`'s with the
+      "transformer." prefix (then other tensors outside it, heads such as
+      "lm_head.weight" or a classifier's, are not part of the decoder).
+    config: `TextDecoder` keyword arguments (see `gpt2_config`).
+    dtype: dtype of the returned numpy arrays.
+
+  Returns:
+    The parameter tree (what goes under "params" in `TextDecoder.apply`).
+
+  Raises:
+    ValueError: a tensor the decoder needs is missing, a decoder tensor is
+      left over (e.g. more layers than n_layer), or "lm_head.weight" is not
+      the token embedding (an untied head). Shapes are not checked here
+      (a tensor too narrow for n_head heads stays unsplit): `check_fits`.
+  """
+  head = state.get("lm_head.weight")
+  if any(k.startswith(_PREFIX) for k in state):
+    state = {k[len(_PREFIX):]: v for k, v in state.items()
+             if k.startswith(_PREFIX)}
+  else:
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+  state = {k: v for k, v in state.items()
+           if not any(k.startswith("h.") and k.endswith("." + b)
+                      for b in _BUFFERS)}
+  used = set()
+
+  def get(name):
+    if name not in state:
+      raise ValueError(f"checkpoint lacks tensor {name!r} (needed by "
+                       f"TextDecoder with num_layers={config['num_layers']})")
+    used.add(name)
+    return np.asarray(state[name], dtype)
+
+  norm = lambda n: {"scale": get(f"{n}.weight"), "bias": get(f"{n}.bias")}
+  dense = lambda n: {"kernel": get(f"{n}.weight"), "bias": get(f"{n}.bias")}
+  heads = config["num_heads"]
+  params = {"token_embeddings": {"embedding": get("wte.weight")},
+            "position_embeddings": get("wpe.weight")}
+  for i in range(config["num_layers"]):
+    layer = f"h.{i}"
+    norm_attention = norm(f"{layer}.ln_1")
+    qkv = dense(f"{layer}.attn.c_attn")
+    if qkv["kernel"].shape[-1] % 3 or qkv["bias"].shape[-1] % 3:
+      raise ValueError(f"checkpoint tensor {layer}.attn.c_attn "
+                       f"{qkv['kernel'].shape}: output width is not 3 n_embd")
+    attention = {}
+    for n, kernel, bias in zip(("query", "key", "value"),
+                               np.split(qkv["kernel"], 3, -1),
+                               np.split(qkv["bias"], 3, -1)):
+      attention[n] = {"kernel": _split_heads(kernel, heads, "d (h k) -> d h k"),
+                      "bias": _split_heads(bias, heads, "(h k) -> h k")}
+    out = dense(f"{layer}.attn.c_proj")
+    attention["out"] = {"kernel": _split_heads(out["kernel"], heads,
+                                               "(h k) d -> h k d"),
+                        "bias": out["bias"]}
+    params[f"layer_{i}"] = {
+        "norm_attention": norm_attention,
+        "attention": attention,
+        "norm_mlp": norm(f"{layer}.ln_2"),
+        "mlp": {"dense_0": dense(f"{layer}.mlp.c_fc"),
+                "dense_1": dense(f"{layer}.mlp.c_proj")}}
+  params["norm_out"] = norm("ln_f")
+  left_over = [k for k in state if k not in used]
+  if left_over:
+    raise ValueError(f"checkpoint tensor {left_over[0]!r} has no place in "
+                     f"TextDecoder(**{dict(config)}) (config.json's n_layer "
+                     "or cross-attention?)")
+  if head is not None:
+    embedding = params["token_embeddings"]["embedding"]
+    if (np.shape(head) != embedding.shape
+        or not np.array_equal(np.asarray(head, dtype), embedding)):
+      raise ValueError("checkpoint tensor 'lm_head.weight' differs from "
+                       "'wte.weight': an untied output head, which "
+                       "TextDecoder (tied embeddings) cannot represent")
+  return params
+
+
+def _items(tree):
+  return tree.items() if isinstance(tree, Mapping) else ()
+
+
+def first_mismatch(expected_tree: Mapping[str, Any],
+                   loaded_tree: Mapping[str, Any],
+                   path: str = "") -> str | None:
+  """The first difference between two parameter trees, or None.
+
+  Walks `expected_tree` in its order (a Flax init's: the model's order),
+  then the keys only `loaded_tree` has; leaves are compared by shape only
+  (arrays or `jax.ShapeDtypeStruct`s).
+
+  Returns:
+    None if the trees have the same keys and leaf shapes, else one line
+    starting with the parameter's "/"-joined path, e.g.
+    "position_embeddings: expected shape (32, 16), got (64, 16)".
+  """
+  if not isinstance(loaded_tree, Mapping):
+    return f"{path or '<root>'}: expected a subtree, got an array"
+  for key, want in _items(expected_tree):
+    name = f"{path}/{key}" if path else str(key)
+    if key not in loaded_tree:
+      return f"{name}: missing from the checkpoint"
+    got = loaded_tree[key]
+    if isinstance(want, Mapping):
+      found = first_mismatch(want, got, name)
+      if found:
+        return found
+    elif isinstance(got, Mapping):
+      return f"{name}: expected an array of shape {tuple(want.shape)}, got " \
+             "a subtree"
+    elif tuple(want.shape) != tuple(np.shape(got)):
+      return (f"{name}: expected shape {tuple(want.shape)}, got "
+              f"{tuple(np.shape(got))}")
+  for key in loaded_tree:
+    if key not in expected_tree:
+      name = f"{path}/{key}" if path else str(key)
+      return f"{name}: not a parameter of the model"
+  return None
+
+
+def _skeleton(tree):
+  """The nested keys of `tree`, in its order."""
+  return ({k: _skeleton(v) for k, v in tree.items()}
+          if isinstance(tree, Mapping) else None)
+
+
+def _in_order(tree, skeleton):
+  return (tree if skeleton is None else
+          {k: _in_order(tree[k], sub) for k, sub in skeleton.items()})
+
+
+def decoder_shapes(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The parameter shapes (`jax.ShapeDtypeStruct`s) of TextDecoder(**config),
+  without allocating them, in the model's order (token_embeddings,
+  position_embeddings, layer_0, ...: init's, which eval_shape would sort)."""
+  order = {}
+
+  def init(ids):
+    params = TextDecoder(**config).init(jax.random.key(0), ids)["params"]
+    order["params"] = _skeleton(params)
+    return params
+
+  shapes = jax.eval_shape(init, jax.ShapeDtypeStruct((1, 1), jnp.int32))
+  return _in_order(shapes, order["params"])
+
+
+def check_fits(params: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the first parameter of `params` that does not
+  fit `TextDecoder(**config)` (missing, extra or of another shape)."""
+  mismatch = first_mismatch(decoder_shapes(config), params)
+  if mismatch:
+    raise ValueError("checkpoint does not fit its config's TextDecoder: "
+                     f"{mismatch}")
+
+
+def _load_tensors(directory: pathlib.Path) -> dict[str, Any]:
+  """All tensors of model.safetensors, or of the shards that
+  model.safetensors.index.json lists, on the CPU (bfloat16 included)."""
+  single = directory / "model.safetensors"
+  index = directory / "model.safetensors.index.json"
+  if single.is_file():
+    files = [single]
+  elif index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = [directory / f for f in dict.fromkeys(weight_map.values())]
+  else:
+    raise FileNotFoundError(
+        f"{directory} has neither model.safetensors nor "
+        "model.safetensors.index.json (torch-free loading needs safetensors; "
+        "convert a pytorch_model.bin with transformers' save_pretrained)")
+  try:
+    # pylint: disable-next=import-outside-toplevel
+    from safetensors.flax import load_file
+  except ImportError as e:
+    raise ImportError('loading checkpoints needs `safetensors`: pip install '
+                      '-e ".[text]"') from e
+  try:
+    device = jax.devices("cpu")[0]
+  except RuntimeError:  # no CPU backend enabled (JAX_PLATFORMS)
+    device = None
+  state = {}
+  with jax.default_device(device):
+    for path in files:
+      state.update(load_file(str(path)))
+  return state
+
+
+def load_gpt2(directory: str | os.PathLike,
+              dtype=np.float32) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads a Hugging Face GPT-2-family checkpoint directory without torch.
+
+  Args:
+    directory: holds `config.json` and `model.safetensors` (or its shards).
+    dtype: numpy dtype of the returned parameters.
+
+  Returns:
+    (decoder_kwargs, params): `TextDecoder(**decoder_kwargs)` (add dropout,
+    dtype, remat as needed) and its parameters as numpy arrays.
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ValueError: naming the config key or tensor TextDecoder cannot
+      represent, or the first parameter that does not fit the config.
+  """
+  directory = pathlib.Path(directory)
+  config_file = directory / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"GPT-2 checkpoint file {config_file} does not "
+                            "exist")
+  config = gpt2_config(json.loads(config_file.read_text()))
+  params = convert_gpt2(_load_tensors(directory), config, dtype)
+  check_fits(params, config)
+  return config, params
