@@ -129,6 +129,11 @@ def test_unsupported_config_names_the_key(key, value):
     gpt2_config({**HF_CONFIG, key: value})
 
 
+def test_missing_config_key_is_named():
+  with pytest.raises(ValueError, match="n_positions"):
+    gpt2_config({k: v for k, v in HF_CONFIG.items() if k != "n_positions"})
+
+
 def test_activations():
   assert gpt2_config({**HF_CONFIG, "activation_function": "gelu"})[
       "approximate_gelu"] is False
@@ -234,17 +239,13 @@ def test_kv_cached_decoding_matches_gpt2lmheadmodel(tmp_path):
 
 
 def test_gpt2model_checkpoint_loads_the_same(tmp_path):
-  pytest.importorskip("transformers")
-  torch = pytest.importorskip("torch")
   reference_model(tmp_path / "lm")
-  # pylint: disable-next=import-outside-toplevel
-  import transformers
+  transformers = pytest.importorskip("transformers")
   model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "lm")
   model.transformer.save_pretrained(tmp_path / "bare")  # GPT2Model's names
   _, with_prefix = load_gpt2(tmp_path / "lm")
   _, bare = load_gpt2(tmp_path / "bare")
   jax.tree.map(np.testing.assert_array_equal, with_prefix, bare)
-  del torch
 
 
 # --- HuggingFaceTokenizer ----------------------------------------------------

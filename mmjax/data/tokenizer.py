@@ -175,7 +175,9 @@ class HuggingFaceTokenizer:
   token. `decode` stops at each row's first end token, so what follows it
   (padding of any id) never matters. Passing `pad_id=0` gives mmjax's
   generative convention (targets != 0 are the loss positions); with GPT-2's
-  vocabulary that also drops "!" from the loss, so prefer the mask.
+  vocabulary that also drops "!" from the loss, so prefer the mask. A text
+  that contains the end token's string is encoded with it (as Hugging Face
+  does), so its decoding stops there.
 
   Args:
     path: a `tokenizer.json` (needs the optional `tokenizers` package,

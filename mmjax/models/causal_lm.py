@@ -107,6 +107,9 @@ def gpt2_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     if bool(hf_config.get(key, value)) != value:
       raise ValueError(f"config.json: {key}={hf_config[key]!r} is not "
                        f"supported; TextDecoder needs {key}={value}")
+  for key in ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"):
+    if key not in hf_config:
+      raise ValueError(f"config.json lacks {key!r}")
   width, heads = hf_config["n_embd"], hf_config["n_head"]
   if width % heads:
     raise ValueError(f"config.json: n_embd={width} is not divisible by "
