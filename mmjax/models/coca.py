@@ -8,38 +8,45 @@ Figure 2 and its pseudo-code):
   img_feature = encoder(image)                           [B, N, D_img]
   con_feature = attentional_pooling(img_feature, 1 query)        [B, 1, D]
   cap_feature = attentional_pooling(img_feature, n_query)        [B, n_q, D]
-  unimodal_out = unimodal_decoder([bos] + text[:-1] + [CLS])  (causal; no
-                                                    cross-attention)
-  multimodal_out = multimodal_decoder(unimodal_out[:, :-1],
-                                      cross_attention=cap_feature)
+  unimodal_out = unimodal_decoder([bos] + text + [CLS])    [B, L + 2, D]
+                 (causal self-attention only)
+  multimodal_out = multimodal_decoder(unimodal_out[:, :L],      [B, L, D]
+                 cross_attention=cap_feature)   (the outputs of [bos] +
+                                                 text[:-1])
   text embedding  = LN(unimodal_out)[:, -1]   (the CLS position)
   logits          = LN(multimodal_out) @ E^T  (tied token embeddings E)
 
   attentional_pooling(x, queries) = LN(MultiHeadAttention(q=queries, kv=x))
 
-and the loss (Eq. 4) L = lambda_con L_con + lambda_cap L_cap with the
+and the loss (Section 3.2) L = lambda_con L_con + lambda_cap L_cap with the
 paper's lambda_cap = 2, lambda_con = 1 (`coca_objective`): L_con the
 symmetric softmax (CLIP) loss between the projected, L2-normalised image and
-text embeddings (Eq. 1), L_cap the next-token cross-entropy of the
-multimodal decoder's logits (Eq. 2).
+text embeddings, L_cap the next-token cross-entropy of the multimodal
+decoder's logits (Section 3.1).
 
 Design choices where the paper leaves room:
 
   CLS position  The [CLS] token (a learned vector "cls_token" [D], not a
                 vocabulary entry) is appended after the last position of the
-                right-padded decoder input, as the paper's pseudo-code does
-                (`ids = concat(text.ids, cls_token_id)`). It attends, as the
-                last position of a causal sequence, to every earlier position
-                whose token is not padding (`pad_id` tokens of the input are
-                invalid keys for every query; position 0, the bos token, is
-                always valid), so it reads [bos] + the real tokens of
-                text[:-1]. It gets no position embedding: its learned vector
-                is its position, so the text embedding is the same however
-                far the batch is padded (tested), and the position table
-                needs `max_length` >= L only. No text position attends to the
-                CLS (it is last), so the unimodal outputs of the text
-                positions are those of the sequence without it, and decoding
-                (which never feeds the CLS) gives the teacher-forced logits.
+                right-padded sequence, as the paper's pseudo-code does
+                (`ids = concat(text.ids, cls_token_id)`). The unimodal
+                decoder reads [bos] + text (L + 1 tokens) + [CLS]: the
+                multimodal decoder takes the first L outputs ([bos] +
+                text[:-1], teacher forcing) and the CLS reads every token of
+                the text, its end token included, wherever the padding
+                starts (with [bos] + text[:-1] alone, a text that fills all
+                L positions would lose its last token and a shorter one
+                would not). It attends, as the last position of a causal
+                sequence, to every position whose token is not padding
+                (`pad_id` tokens are invalid keys for every query; position
+                0, the bos token, is always valid). It gets no position
+                embedding: its learned vector is its position, so the text
+                embedding is the same however far the batch is padded
+                (tested). The position table needs `max_length` >= L + 1.
+                No text position attends to the CLS or to text[-1] (both
+                come later), so the logits are those of the sequence without
+                them, and decoding (which never feeds the CLS) gives the
+                teacher-forced logits.
   poolers       Two `AttentionalPooler`s over the image tokens, queries of
                 the decoder's width D (keys and values are projected from
                 D_img by the attention itself): "caption_pooler" with
@@ -166,15 +173,19 @@ class CoCaTextDecoder(nn.Module):
       context, context_valid: [B, M, D] and bool [B, M], the multimodal
         blocks' cross-attention keys.
       token_valid: bool [B, T]; False tokens are never attended to (padding).
-      cls: append the learned CLS token after the T positions (no position
-        embedding, attends to every valid token; module docstring of
-        `mmjax.models.coca`) and return LN(its unimodal output) [B, D].
-        Not while decoding.
+      cls: teacher forcing with the CLS: `tokens` is [bos] + text (T = L + 1);
+        the learned CLS token is appended after them (no position
+        embedding; it attends to every valid token: module docstring of
+        `mmjax.models.coca`), LN(its unimodal output) [B, D] is returned,
+        and the multimodal blocks run on the first T - 1 = L positions only
+        (the last token is a target, read by the CLS alone). Not while
+        decoding.
       decode: use and extend the KV cache.
       train: dropout.
 
     Returns:
-      (float32 [B, T, V] logits, [B, D] CLS feature in `dtype` or None).
+      (float32 logits [B, T, V], or [B, T - 1, V] with `cls`; the CLS
+      feature [B, D] in `dtype`, or None).
     """
     if cls and decode:
       raise ValueError("the CLS token is not used while decoding")
@@ -193,20 +204,18 @@ class CoCaTextDecoder(nn.Module):
       start = index.value
       index.value = start + length
     elif length > self.max_length:
-      raise ValueError(f"CoCa's text of {length} positions exceeds its "
-                       f"max_length={self.max_length}")
+      raise ValueError(f"CoCa's decoder input of {length} positions "
+                       f"exceeds its max_length={self.max_length} (teacher "
+                       "forcing reads [bos] + text: L + 1 positions)")
     positions = start + jnp.arange(length)
     table = self.param("position_embeddings", nn.initializers.normal(0.01),
                        (self.max_length, self.width), self.param_dtype)
     x = x + jnp.take(table, positions, axis=0).astype(x.dtype)[None]
-    unimodal_positions, unimodal_valid = positions, valid
     if cls:  # the last position; no position embedding (module docstring)
       token = self.param("cls_token", nn.initializers.normal(0.02),
                          (self.width,), self.param_dtype)
       x = jnp.concatenate([x, jnp.broadcast_to(token.astype(x.dtype),
                                                (batch, 1, self.width))], 1)
-      unimodal_positions = jnp.arange(length + 1)
-      unimodal_valid = jnp.concatenate([valid, jnp.ones((batch, 1), bool)], 1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     # No rematerialisation while decoding (the cache is written in place).
     block = DecoderBlock if decode else remat(DecoderBlock, self.remat)
@@ -219,14 +228,18 @@ class CoCaTextDecoder(nn.Module):
                    cross_attention=cross_attention, decode=decode,
                    name=name, **precision)
 
+    unimodal_positions, unimodal_valid = positions, valid
+    if cls:
+      unimodal_positions = jnp.arange(length + 1)
+      unimodal_valid = jnp.concatenate([valid, jnp.ones((batch, 1), bool)], 1)
     for i in range(self.unimodal_layers):
       x = layer(f"unimodal_{i}", False)(x, unimodal_positions,
                                         unimodal_valid, None, None, train)
     cls_feature = None
-    if cls:
+    if cls:  # the CLS reads all T tokens; the multimodal decoder T - 1
       cls_feature = nn.LayerNorm(self.layer_norm_epsilon, name="norm_cls",
                                  **precision)(x[:, -1])
-      x = x[:, :-1]
+      x, positions, valid = x[:, :-2], positions[:-1], valid[:, :-1]
     for i in range(self.multimodal_layers):
       x = layer(f"multimodal_{i}", True)(x, positions, valid, context,
                                          context_valid, train)
@@ -269,7 +282,9 @@ class CoCa(nn.Module):
       half and half).
     num_heads: attention heads of the decoders and poolers.
     mlp_dim: feed-forward width of the decoder blocks (4 D).
-    max_length: the longest text L (position table and KV cache length).
+    max_length: positions of the table and the KV cache: at least L + 1
+      for text of L tokens (teacher forcing reads [bos] + text), and
+      max_new_tokens + 1 for `generate`.
     embed_dim: width of the contrastive embeddings.
     num_queries: the caption pooler's queries (paper: 256).
     contrastive_queries: the contrastive pooler's (paper: 1).
@@ -391,9 +406,8 @@ class CoCa(nn.Module):
     media, media_valid = self._caption_context(tokens, batch)
     image = self.project_image(pool_tokens(self.contrastive_pooler(tokens)))
     text = batch["text"]
-    inputs = jnp.concatenate(
-        [jnp.full(text.shape[:1] + (1,), self.bos_id, text.dtype),
-         text[:, :-1]], 1)
+    inputs = jnp.concatenate(  # [bos] + text: text[-1] is read by the CLS
+        [jnp.full(text.shape[:1] + (1,), self.bos_id, text.dtype), text], 1)
     logits, cls = self.text_decoder(
         inputs, media, media_valid, token_valid=self._token_valid(inputs,
                                                                   True),
@@ -409,13 +423,14 @@ class CoCa(nn.Module):
 
 def coca_objective(caption_weight: float = 2.0,
                    contrastive_weight: float = 1.0):
-  """CoCa's loss (Yu et al. 2022, Eq. 4): outputs, batch -> (loss, metrics).
+  """CoCa's loss (Yu et al. 2022, Section 3.2): outputs, batch -> (loss,
+  metrics).
 
     L = contrastive_weight * L_con + caption_weight * L_cap
 
   L_con is `objectives.contrastive("softmax")` over ("embedding/image",
-  "embedding/text") with "log_scale" (Eq. 1), L_cap is
-  `objectives.captioning` of "logits" against batch["text"] (Eq. 2); the
+  "embedding/text") with "log_scale", L_cap is
+  `objectives.captioning` of "logits" against batch["text"]; the
   paper's lambda_con = 1, lambda_cap = 2. A weight that is the number 0
   leaves its term out of the loss (its metrics are still reported), so the
   loss and gradients are then exactly the other objective's.
@@ -426,8 +441,10 @@ def coca_objective(caption_weight: float = 2.0,
 
   The objective has `whole_batch = True` (the contrastive negatives are the
   whole batch): gradient accumulation takes `mmjax.accumulate`'s GradCache
-  path, which caches every output of every microbatch, here the
-  [B, L, V] logits too (and their gradient).
+  path, which caches every output of every microbatch, here the float32
+  [B, L, V] logits too, and their gradient: exact (tested), but 2 B L V
+  floats, which at a real vocabulary (B 4096, L 64, V 32k: 2 x 34 GB) can
+  outweigh the activations that accumulation saves.
   """
   if caption_weight == 0 and contrastive_weight == 0:
     raise ValueError("coca_objective needs a nonzero weight")
@@ -491,10 +508,11 @@ def coca_from_config(config) -> CoCa:
   """CoCa of `config.model`: `encoders["image"]` and `CoCa`'s other fields
   (vocab_size, width, unimodal_layers, ...), with the config's dtype,
   param_dtype, remat and scan_layers (`factory.build_model`'s contract)."""
-  from mmjax.models import factory  # pylint: disable=import-outside-toplevel
-  model = factory._plain(config.model)  # pylint: disable=protected-access
+  # pylint: disable=import-outside-toplevel,protected-access
+  from mmjax.models import factory
+  model = factory._plain(config.model)
   for key in ("init", "num_classes"):  # not the model's
     model.pop(key, None)
   encoders = model.pop("encoders")
   return build_coca(image_encoder=encoders["image"], **model,
-                    **factory._config_options(config))  # pylint: disable=protected-access
+                    **factory._config_options(config))
