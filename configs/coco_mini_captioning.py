@@ -61,7 +61,7 @@ def get_config(arg=None):
   config.model.bos_id = 1  # ByteTokenizer's end id starts each sequence
   config.model.num_latents = 16  # flamingo's resampler
   config.model.xattn_every = 1
-  config.generation = {"method": "greedy", "max_new_tokens": 64}
+  common.set_generation(config, max_new_tokens=64)
 
   # Optimisation, parallelism, logging and checkpoints.
   common.set_training(config, batch_size=32, steps=args.steps,

@@ -98,8 +98,11 @@ def get_config(arg=None):
   config.text.fields = ({"question": "prompt", "answer": "text"} if generative
                         else {"question": "text"})
   config.text.lengths = {"text": 16} if generative else {}  # answers
-  config.evaluators = {"vqa": {"families": FAMILIES} if generative else
-                       {"families": FAMILIES, "answers": ANSWERS}}
+  vqa = ({"families": FAMILIES} if generative else
+         {"families": FAMILIES, "answers": ANSWERS})
+  config.evaluators = {"vqa": vqa}
+  if len(modalities) > 1:  # accuracy with the audio, image (or question) gone
+    config.evaluators["missing_modality"] = {"scored_by": "vqa", **vqa}
 
   # Model.
   config.model = ml_collections.ConfigDict()
@@ -116,7 +119,7 @@ def get_config(arg=None):
     config.model.bos_id = 1  # ByteTokenizer's end id starts each answer
     config.model.num_latents = 16
     config.model.xattn_every = 1
-    config.generation = {"method": "greedy", "max_new_tokens": 16}
+    common.set_generation(config, max_new_tokens=16)
     if args.lm:  # Flamingo: the LM of a model=lm run, frozen
       config.model.init = {"decoder": f"run:{args.lm}"}
       config.frozen = "decoder/.*"

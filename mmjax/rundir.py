@@ -28,7 +28,7 @@ LOCK_FILE = ".lock"
 ALLOWED_KEYS = (
     "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
     "eval_batch_size", "eval_splits", "evaluators", "data_dir", "source_dir",
-    "data_workers", "peak_flops",
+    "data_workers", "peak_flops", "generation",
 )
 MAX_LISTED = 5
 _MISSING = object()

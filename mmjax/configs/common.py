@@ -116,6 +116,18 @@ def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
   return config
 
 
+def set_generation(config: ml_collections.ConfigDict, *,
+                   max_new_tokens: int, method: str = "greedy"):
+  """A generative model's decoding keys (`mmjax.models.generative.generate`):
+  method greedy, beam or sample; beam_size and length_penalty (GNMT's
+  ((5 + length) / 6) ** alpha) for beam; temperature, top_k (0 = off) and
+  top_p (1 = off) for sample."""
+  config.generation = ml_collections.ConfigDict(dict(
+      method=method, max_new_tokens=max_new_tokens, beam_size=4,
+      length_penalty=0.6, temperature=1.0, top_k=0, top_p=1.0))
+  return config
+
+
 def set_data(config: ml_collections.ConfigDict, dataset: str, *,
              modalities: Sequence[str], eval_splits: Sequence[str] = ("test",),
              train_split: str = "train", audio_length: int = 0,

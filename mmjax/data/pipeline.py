@@ -60,7 +60,9 @@ class Preprocess(grain.transforms.Map):
     for key in KEPT_FIELDS:  # tokenised targets, prompts, question families
       if key not in example and key in record and np.issubdtype(
           np.asarray(record[key]).dtype, np.number):
-        example[key] = np.asarray(record[key])
+        value = np.asarray(record[key])
+        example[key] = value.astype(np.int32) if value.dtype == np.int64 else (
+            value)  # as jax holds integers
     if "valid/text" in record:
       example["valid/text"] = record["valid/text"]
     return example

@@ -7,6 +7,14 @@ import jax.numpy as jnp
 
 from mmjax.evaluators.batches import KeyedMap
 from mmjax.evaluators.classification import classification
+from mmjax.evaluators.vqa import vqa
+
+# The evaluators whose metrics `missing_modality` reports with a modality
+# removed: classification's accuracy, or every VQA accuracy (overall and per
+# question family, generated answers or an answer-classifier head).
+SCORED = {"classification": lambda p, b, **_: (
+              (k, v) for k, v in classification(p, b) if k == "accuracy"),
+          "vqa": vqa}
 
 
 def remove_modality(batch: dict, modality: str, removed=None) -> dict:
@@ -29,7 +37,8 @@ def _modalities(batches: Iterable[dict]) -> list[str]:
 
 def missing_modality(predict_fn: Callable[[dict], dict],
                      batches: Iterable[dict], rates: Sequence[float] = (),
-                     seed: int = 0) -> Iterator[tuple[str, float]]:
+                     seed: int = 0, scored_by: str = "classification",
+                     tokenizer=None, **options) -> Iterator[tuple[str, float]]:
   """Yields ("without_<m>/accuracy", a) for each modality m of the batches,
   and ("<m>_missing/<rate>/accuracy", a) for each of `rates`.
 
@@ -41,13 +50,22 @@ def missing_modality(predict_fn: Callable[[dict], dict],
   draws with `fold_in(fold_in(PRNGKey(seed), i), j)` for the j-th modality,
   the same examples for every model),
   the others left intact: accuracy against the test-time missing rate.
+
+  `scored_by` "vqa" scores question answering instead (`mmjax.evaluators.vqa`
+  with `tokenizer` and `options`: families, answers), giving
+  "without_<m>/accuracy" and "without_<m>/accuracy/<family>".
   """
+  if scored_by not in SCORED:
+    raise ValueError(f"missing_modality scored_by must be one of "
+                     f"{', '.join(SCORED)}, got {scored_by!r}")
+  if tokenizer is not None:
+    options["tokenizer"] = tokenizer
+  score = lambda p, b: SCORED[scored_by](p, b, **options)
   modalities = _modalities(batches)
   for m in modalities:
-    for name, value in classification(
+    for name, value in score(
         lambda batch, m=m: predict_fn(remove_modality(batch, m)), batches):
-      if name == "accuracy":
-        yield f"without_{m}/accuracy", value
+      yield f"without_{m}/{name}", value
   for j, m in enumerate(modalities):
     for rate in rates:
       if not 0 <= rate <= 1:
@@ -56,7 +74,6 @@ def missing_modality(predict_fn: Callable[[dict], dict],
         removed = jax.random.bernoulli(jax.random.fold_in(key, j), rate,
                                        batch[f"mask/{m}"].shape)
         return remove_modality(batch, m, removed)
-      for name, value in classification(
-          predict_fn, KeyedMap(batches, remove_some, seed)):
-        if name == "accuracy":
-          yield f"{m}_missing/{rate:g}/accuracy", value
+      for name, value in score(predict_fn,
+                               KeyedMap(batches, remove_some, seed)):
+        yield f"{m}_missing/{rate:g}/{name}", value
