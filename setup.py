@@ -41,5 +41,11 @@ setuptools.setup(
         # depends on torch; install torch==2.13.0 first for the CPU build).
         "text": ["tokenizers>=0.15", "safetensors>=0.4"],
         "cuda": ["jax[cuda12]>=0.6,<0.11"],
+        # References for the pretrained-weight parity tests (GPT-2 built
+        # locally by transformers); mmjax itself never imports torch. The
+        # CPU build: pip install torch==2.13.0 --index-url
+        # https://download.pytorch.org/whl/cpu
+        "convert": ["torch>=2.13", "transformers>=5", "safetensors>=0.4",
+                    "tokenizers>=0.15"],
     },
 )

@@ -7,8 +7,12 @@ Command:
       --workdir /tmp/coco_mini_captioning --split train
 
 Arguments (comma list after the colon):
-  conditioning=NAME  prefix (default; PaLI-style media prefix),
-                     cross_attention or flamingo (mmjax.models.generative).
+  model=NAME         prefix (default; PaLI-style media prefix),
+                     cross_attention or flamingo (mmjax.models.generative),
+                     or coca: CoCa (Yu et al. 2022, mmjax.models.coca), the
+                     image tower with a unimodal text decoder (2 layers)
+                     and a multimodal one (1 layer), trained with the
+                     contrastive plus captioning loss (weights 1 and 2).
   smoke              a complete run in under 2 minutes on 2 CPU cores.
   seed=N             the run's seed.
   steps=N            training steps (default 1500).
@@ -33,7 +37,7 @@ from mmjax.configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, conditioning="prefix", smoke=False, seed=0,
+  args = common.parse_arg(arg, model="prefix", smoke=False, seed=0,
                           steps=1500)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
@@ -49,18 +53,27 @@ def get_config(arg=None):
   config.evaluators = {"captioning": {}}
 
   # Model.
-  config.objective = "captioning"
   config.model = ml_collections.ConfigDict()
   config.model.encoders = {
       "image": {"name": "resnet", "depth": 18, "width": 16, "stem": "cifar"}}
-  config.model.conditioning = args.conditioning
-  config.model.decoder = {
-      "vocab_size": common.BYTE_VOCAB_SIZE, "width": 128, "num_layers": 3,
-      "num_heads": 4, "mlp_dim": 512, "max_length": 160,
-      "positions": "learned", "dropout": 0.0}
   config.model.bos_id = 1  # ByteTokenizer's end id starts each sequence
-  config.model.num_latents = 16  # flamingo's resampler
-  config.model.xattn_every = 1
+  if args.model == "coca":
+    config.objective = "coca"
+    config.objective_kwargs = {"caption_weight": 2.0,
+                               "contrastive_weight": 1.0}
+    config.model.update(vocab_size=common.BYTE_VOCAB_SIZE, width=128,
+                        unimodal_layers=2, multimodal_layers=1, num_heads=4,
+                        mlp_dim=512, max_length=160, embed_dim=64,
+                        num_queries=64)
+  else:
+    config.objective = "captioning"
+    config.model.conditioning = args.model
+    config.model.decoder = {
+        "vocab_size": common.BYTE_VOCAB_SIZE, "width": 128, "num_layers": 3,
+        "num_heads": 4, "mlp_dim": 512, "max_length": 160,
+        "positions": "learned", "dropout": 0.0}
+    config.model.num_latents = 16  # flamingo's resampler
+    config.model.xattn_every = 1
   common.set_generation(config, max_new_tokens=64)
 
   # Optimisation, parallelism, logging and checkpoints.

@@ -89,7 +89,7 @@ def check_config(config):
     registry.check("evaluators", name, evaluators.EVALUATORS)
   if config.objective == "supervised":
     check_classifier(config.model)
-  elif config.objective == "captioning":
+  elif config.objective in objectives.GENERATIVE:
     check_generative(config)
   elif config.model.get("unimodal_heads", "none") != "none":
     raise UsageError("config key 'model.unimodal_heads' needs objective "
@@ -138,13 +138,20 @@ def check_classifier(model_config):
 
 
 def check_generative(config):
-  """The generative model's keys: conditioning, decoder, generation."""
-  configs.check_choice("model.conditioning",
-                       config.model.get("conditioning", "prefix"),
-                       generative.CONDITIONINGS)
-  if not config.model.get("decoder"):
-    raise UsageError("config key 'model.decoder' is needed by objective "
-                     "'captioning'")
+  """A generative model's keys: conditioning, decoder (objective
+  captioning), generation, objective_kwargs (coca)."""
+  if config.objective == "captioning":
+    configs.check_choice("model.conditioning",
+                         config.model.get("conditioning", "prefix"),
+                         generative.CONDITIONINGS)
+    if not config.model.get("decoder"):
+      raise UsageError("config key 'model.decoder' is needed by objective "
+                       "'captioning'")
+  try:
+    objectives.make_objective(config.objective, None,
+                              **config.get("objective_kwargs", {}))
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"config key 'objective_kwargs': {e}") from None
   options = config.get("generation") or {}
   configs.check_choice("generation.method", options.get("method", "greedy"),
                        generative.DECODING_METHODS)
@@ -227,7 +234,7 @@ def build_optimizer(config):
         else "trained", params)
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
                                labels)
-  if config.objective == "softmax":
+  if config.objective in ("softmax", "coca"):  # CLIP's loss
     tx = clamp_parameters(tx, {"log_scale": (0.0, MAX_LOG_SCALE)})
   return tx, schedule
 
@@ -394,7 +401,7 @@ class Experiment:
 def generation_options(config) -> dict | None:
   """A generative model's decoding options (`config.generation`, with the
   end token from the tokenizer), or None for other models."""
-  if config.objective != "captioning":
+  if config.objective not in objectives.GENERATIVE:
     return None
   options = dict(config.get("generation") or {})
   options.setdefault("max_new_tokens", config.text.max_length)

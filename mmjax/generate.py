@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from mmjax import checkpoint, cli, experiment, parallel, rundir
+from mmjax import checkpoint, cli, experiment, objectives, parallel, rundir
 from mmjax.data import pipeline
 from mmjax.data.builders._common import FSDD_RATE  # mmjax's audio: 8 kHz
 from mmjax.errors import UsageError
@@ -133,9 +133,10 @@ def generate(config, workdir: str, options: dict) -> tuple[pathlib.Path,
                                                            list[dict]]:
   """Restores the run in `workdir` and generates (module docstring).
   Returns (the JSONL file written, its rows)."""
-  if config.objective != "captioning":
+  if config.objective not in objectives.GENERATIVE:
     raise UsageError(f"config key 'objective': {config.objective} models do "
-                     "not generate text (objective 'captioning' does)")
+                     f"not generate text ({', '.join(objectives.GENERATIVE)} "
+                     "do)")
   rundir.check_resume(workdir, config.to_dict())  # the run's own model
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:

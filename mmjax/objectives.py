@@ -8,6 +8,8 @@
                 (`shard_map` + `ppermute`), never holding the [B, B] logits.
   captioning    next-token cross-entropy of a generative model's logits
                 (`mmjax.models.generative`), averaged over the target tokens.
+  coca          CoCa's contrastive plus captioning loss
+                (`mmjax.models.coca.coca_objective`).
 
 The contrastive objectives read `outputs["embedding/<m>"]` [B, D] for every
 modality and average the loss over all pairs of towers (one pair for two
@@ -139,10 +141,20 @@ def whole_batch(objective) -> bool:
 
 
 OBJECTIVES = ("supervised", "softmax", "sigmoid", "sigmoid_ring",
-              "captioning")
+              "captioning", "coca")
+# The objectives of models that decode text (`mmjax.models.generative.
+# generate`): their evaluators see generated tokens.
+GENERATIVE = ("captioning", "coca")
 PER_EXAMPLE = {"supervised": supervised, "captioning": captioning}
 
 
-def make_objective(name: str, mesh):
-  """The objective function for config key `objective`."""
+def make_objective(name: str, mesh, **kwargs):
+  """The objective function for config key `objective`; `kwargs` (config
+  key `objective_kwargs`) are coca's loss weights (caption_weight,
+  contrastive_weight)."""
+  if name == "coca":  # its module builds on this one
+    from mmjax.models.coca import coca_objective  # pylint: disable=import-outside-toplevel
+    return coca_objective(**kwargs)
+  if kwargs:
+    raise ValueError(f"objective {name!r} takes no objective_kwargs")
   return PER_EXAMPLE[name] if name in PER_EXAMPLE else contrastive(name, mesh)

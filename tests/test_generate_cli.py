@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax import configs
+from mmjax import configs, experiment, objectives
+from mmjax.models import factory
+from mmjax.models.coca import CoCa
 from mmjax.data import pipeline
 from mmjax.data.builders import digits_qa
 
@@ -117,3 +119,16 @@ def test_tokenize_fields_shortens_and_keeps_the_end_token():
   short = fields.map({"question": b"q", "answer": b"no"})["text"]
   np.testing.assert_array_equal(short, [ord("n") + 3, ord("o") + 3,
                                         tokenizer.eos_id, 0])
+
+
+def test_coca_config_builds_coca_with_its_loss_weights():
+  config = configs.load_config("configs/coco_mini_captioning.py:model=coca")
+  experiment.check_config(config)
+  assert isinstance(factory.build_model(config), CoCa)
+  objective = objectives.make_objective("coca", None,
+                                        **config.objective_kwargs)
+  assert objectives.whole_batch(objective)
+  bad = configs.apply_overrides(config, ["objective_kwargs.caption_weight=0",
+                                         "objective_kwargs.contrastive_weight=0"])
+  with pytest.raises(Exception, match="objective_kwargs"):
+    experiment.check_config(bad)

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from mmjax import registry
 from mmjax.models import precision
+from mmjax.models.coca import coca_from_config
 from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.decoder import TextDecoder
 from mmjax.models.generative import GenerativeModel
@@ -276,11 +277,13 @@ def generative_from_config(config) -> GenerativeModel:
 
 
 MODEL_FACTORIES = {"supervised": classifier_from_config,
-                   "captioning": generative_from_config}
+                   "captioning": generative_from_config,
+                   "coca": coca_from_config}
 
 
 def build_model(config):
   """The classifier (objective "supervised"), the generative model
-  ("captioning") or the contrastive towers (every other objective)."""
+  ("captioning"), CoCa ("coca") or the contrastive towers (every other
+  objective)."""
   return MODEL_FACTORIES.get(config.objective,
                              contrastive_from_config)(config)
