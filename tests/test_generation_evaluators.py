@@ -128,14 +128,16 @@ def test_identical_captions_score_high_and_unrelated_ones_zero():
   assert same["BLEU-1"] == pytest.approx(1.0)
   assert same["ROUGE-L"] == pytest.approx(1.0)
   assert same["CIDEr-D"] > 3  # 10 x (a perfect match on 1 of 1-3 refs)
+  assert same["exact_match"] == 1.0
   unrelated = ["zebra xylophone quantum"] * 5
   other = dict(evaluators.captioning(
       predict, caption_batches(unrelated, REFERENCES), tokenizer=TOKENIZER,
       tokenization="python"))
   assert other["BLEU-4"] < 1e-6 and other["BLEU-1"] < 1e-6
   assert other["CIDEr-D"] == 0 and other["ROUGE-L"] == 0
+  assert other["exact_match"] == 0.0
   assert set(other) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D",
-                        "ROUGE-L"}
+                        "ROUGE-L", "exact_match"}
 
 
 @needs_pycocoevalcap
@@ -149,6 +151,7 @@ def test_captioning_skips_padding_and_stops_at_max_examples():
   batches = caption_batches(HYPOTHESES, REFERENCES)  # 3 batches of 2 + pad
   full = dict(evaluators.captioning(predict, batches, tokenizer=TOKENIZER,
                                     tokenization="python"))
+  assert full.pop("exact_match") == 0.0  # no hypothesis is a reference
   # The padding rows and padded references ("junk") change nothing: the
   # same numbers as the scores of the plain lists.
   assert full == pytest.approx(caption_scores(
@@ -156,6 +159,7 @@ def test_captioning_skips_padding_and_stops_at_max_examples():
   first = dict(evaluators.captioning(counting_predict, batches,
                                      tokenizer=TOKENIZER, max_examples=3,
                                      tokenization="python"))
+  first.pop("exact_match")
   assert len(calls) == 2  # the third batch is not generated for
   assert first == pytest.approx(caption_scores(
       HYPOTHESES[:3], REFERENCES[:3], tokenization="python"))
@@ -169,6 +173,7 @@ def test_captioning_skips_padding_and_stops_at_max_examples():
   results = dict(evaluators.captioning(counting_predict, [pad, single],
                                        tokenizer=TOKENIZER,
                                        tokenization="python"))
+  results.pop("exact_match")
   assert len(calls) == 1
   assert results == pytest.approx(caption_scores(
       HYPOTHESES[:2], [r[:1] for r in REFERENCES[:2]],
@@ -199,6 +204,7 @@ def test_captioning_without_java_uses_the_python_tokenization(monkeypatch,
     results = dict(evaluators.captioning(
         predict, caption_batches(HYPOTHESES, REFERENCES),
         tokenizer=TOKENIZER, java_metrics=True))  # no METEOR without Java
+  results.pop("exact_match")
   assert results == pytest.approx(caption_scores(
       HYPOTHESES, REFERENCES, tokenization="python"))
   assert "5 captions, python tokenisation" in caplog.text

@@ -272,7 +272,10 @@ def captioning(predict_fn: Callable[[dict], dict], batches: Iterable[dict], *,
 
   Yields:
     ("BLEU-1", b1) ... ("BLEU-4", b4), ("CIDEr-D", c), ("ROUGE-L", r)
-    [, ("METEOR", m)].
+    [, ("METEOR", m)], then ("exact_match", e): the fraction of examples
+    whose generated caption is one of its references, character for
+    character after stripping (on the training split: the fraction of
+    training captions a model reproduces).
   """
   if tokenizer is None:
     raise ValueError("captioning needs the text tokenizer to decode captions "
@@ -313,3 +316,6 @@ def captioning(predict_fn: Callable[[dict], dict], batches: Iterable[dict], *,
            tokenization)
   yield from caption_scores(hypotheses, references, tokenization=tokenization,
                             java_metrics=java_metrics).items()
+  yield "exact_match", float(np.mean([
+      h.strip() in {r.strip() for r in refs}
+      for h, refs in zip(hypotheses, references)]))
