@@ -111,9 +111,10 @@ class GenerativeModel(nn.Module):
     self.frontend = {m: frontends[m].clone(parent=None, name=None)
                      for m in names if frontends.get(m) is not None}
     self.project = {m: nn.Dense(width, **precision) for m in names}
-    self.modality_embedding = self.param(
-        "modality_embedding_table", nn.initializers.normal(0.02),
-        (len(names), width), self.param_dtype)
+    if names:  # (orbax saves no zero-size arrays)
+      self.modality_embedding = self.param(
+          "modality_embedding_table", nn.initializers.normal(0.02),
+          (len(names), width), self.param_dtype)
     if self.conditioning == "flamingo":
       self.resampler = PerceiverResampler(
           num_latents=self.num_latents, num_layers=self.resampler_layers,
