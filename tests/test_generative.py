@@ -80,7 +80,7 @@ def test_cached_decoding_equals_full_recomputation(conditioning, positions):
     variables = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.5 if "alpha" in jax.tree_util.keystr(p) else x,
         variables)
-  full = model.apply(variables, batch)["logits"]  # teacher forcing
+  full = jax.jit(model.apply)(variables, batch)["logits"]  # teacher forcing
   media, valid = model.apply(variables, batch, method=model.encode)
   tokens = jnp.concatenate([jnp.ones((3, 1), jnp.int32),
                             batch["text"][:, :-1]], 1)
@@ -90,11 +90,11 @@ def test_cached_decoding_equals_full_recomputation(conditioning, positions):
                               method=model.decode, mutable=["cache"])
   steps = [logits]
   length = (media.shape[1] if conditioning == "prefix" else 0) + 4
+  step = jax.jit(lambda v, t: model.apply(
+      v, t, media, valid, start=False, full_attention_length=length,
+      decode=True, method=model.decode, mutable=["cache"]))
   for t in range(2, tokens.shape[1]):
-    logits, state = model.apply(
-        {**variables, **state}, tokens[:, t:t + 1], media, valid,
-        start=False, full_attention_length=length, decode=True,
-        method=model.decode, mutable=["cache"])
+    logits, state = step({**variables, **state}, tokens[:, t:t + 1])
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
 
@@ -198,9 +198,9 @@ def test_decoder_gradients_reach_every_parameter():
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.5 if "alpha" in jax.tree_util.keystr(p) else x,
       variables["params"])
-  grads = jax.grad(lambda p: objectives.captioning(model.apply(
+  grads = jax.jit(jax.grad(lambda p: objectives.captioning(model.apply(
       {**variables, "params": p}, batch, train=True,
-      mutable=["batch_stats"])[0], batch)[0])(params)
+      mutable=["batch_stats"])[0], batch)[0]))(params)
   zero = [jax.tree_util.keystr(p) for p, g in
           jax.tree_util.tree_flatten_with_path(grads)[0]
           if not np.any(np.asarray(g))]
