@@ -26,8 +26,10 @@ Arguments (comma list after the colon):
               answer classifiers over the closed answer vocabulary
               (objective "supervised"):
                 classifier       image, audio and question tokens fused by
-                                 the Perceiver resampler (the same tokens
-                                 the generative models see)
+                                 a multimodal bottleneck transformer (MBT,
+                                 learned positions per modality, exchanging
+                                 from its first layer), the tokens the
+                                 generative models see
                 image_question   the same without audio
                 question_only    the question alone
   lm=DIR      flamingo: the workdir of a finished model=lm run.
@@ -125,9 +127,9 @@ def get_config(arg=None):
       config.frozen = "decoder/.*"
   else:
     config.objective = "supervised"
-    config.model.fusion = "perceiver"
-    config.model.fusion_kwargs = {"dim": 128, "num_latents": 16,
-                                  "num_layers": 2}
+    config.model.fusion = "bottleneck"  # token positions: the grid cells
+    config.model.fusion_kwargs = {"dim": 128, "num_layers": 3,
+                                  "fusion_layer": 0, "num_bottlenecks": 8}
     config.model.head_hidden = (128,)
     config.model.num_classes = len(ANSWERS)
     config.model.modality_dropout = {}
