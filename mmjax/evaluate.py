@@ -15,8 +15,11 @@ from mmjax import checkpoint, cli, experiment, rundir
 from mmjax.errors import UsageError
 
 
-def evaluate(config, workdir: str) -> dict:
-  """Restores the latest checkpoint in `workdir` and evaluates every split."""
+def restore_latest(config, workdir: str):
+  """(run, state): the run of `config` built for evaluation
+  (`experiment.build(training=False)`) and the latest checkpoint in
+  `workdir` restored into it; UsageError if the run's config differs in a
+  key that matters or there is no checkpoint."""
   rundir.check_resume(workdir, config.to_dict())  # the run's own model
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
@@ -26,6 +29,12 @@ def evaluate(config, workdir: str) -> dict:
     state, _ = ckpt.restore(run.state)
   finally:
     ckpt.close()
+  return run, state
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Restores the latest checkpoint in `workdir` and evaluates every split."""
+  run, state = restore_latest(config, workdir)
   return {"step": int(state.step), **run.evaluate(state)}
 
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from mmjax import checkpoint, cli, experiment, objectives, parallel, rundir
+from mmjax import cli, evaluate, experiment, objectives, parallel
 from mmjax.data import pipeline
 from mmjax.data.builders._common import FSDD_RATE  # mmjax's audio: 8 kHz
 from mmjax.errors import UsageError
@@ -137,15 +137,7 @@ def generate(config, workdir: str, options: dict) -> tuple[pathlib.Path,
     raise UsageError(f"config key 'objective': {config.objective} models do "
                      f"not generate text ({', '.join(objectives.GENERATIVE)} "
                      "do)")
-  rundir.check_resume(workdir, config.to_dict())  # the run's own model
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  try:
-    if ckpt.latest_step() is None:
-      raise UsageError(f"no checkpoint in {ckpt.directory}")
-    run = experiment.build(config, training=False)
-    state, _ = ckpt.restore(run.state)
-  finally:
-    ckpt.close()
+  run, state = evaluate.restore_latest(config, workdir)
   tokenizer = pipeline.text_tokenizer(config)
   method = experiment.generation_options(config).get("method", "greedy")
   step = int(state.step)
