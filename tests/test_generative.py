@@ -212,3 +212,21 @@ def test_decoder_rejects_a_sequence_longer_than_its_positions():
   decoder = TextDecoder(**{**DECODER, "max_length": 4})
   with pytest.raises(ValueError, match="max_length=4"):
     decoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32))
+
+
+def test_weights_of_another_run_load_by_path(tmp_path):
+  """model.init {"decoder": "run:<workdir>"}: the subtree of that run's
+  latest checkpoint, as stored (Flamingo's frozen LM)."""
+  from mmjax import checkpoint, experiment
+  from mmjax.errors import UsageError
+  params = {"decoder": {"norm_out": {"scale": np.arange(3.0)}},
+            "other": {"w": np.ones(2)}}
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(7, {"params": params, "step": np.int32(7)}, {"position": 1})
+  ckpt.close()
+  loaded = experiment.pretrained_weights("decoder", f"run:{tmp_path}")
+  np.testing.assert_array_equal(loaded["norm_out"]["scale"], np.arange(3.0))
+  with pytest.raises(UsageError, match="no parameters at 'encoder'"):
+    experiment.pretrained_weights("encoder", f"run:{tmp_path}")
+  with pytest.raises(UsageError, match="no checkpoints"):
+    experiment.pretrained_weights("decoder", f"run:{tmp_path / 'none'}")
