@@ -5,7 +5,7 @@
 # Flamingo's language model is the model=lm point, trained first, frozen;
 # Flamingo itself is a second sweep in DIR/flamingo.
 source "$(dirname "$0")/../sweep_common.sh"
-GRID="model=prefix,classifier,question_only,image_question,lm,cross_attention"
+GRID="model=prefix,classifier,lm,question_only,image_question,cross_attention"
 STEPS=1500
 [[ $SMOKE == 1 ]] && GRID="model=prefix,classifier,lm" STEPS=3
 run() {
