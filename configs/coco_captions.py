@@ -1,4 +1,4 @@
-"""LiT-style image-text training on COCO captions (Karpathy splits), tfds.
+"""LiT-style image-text training, or captioning, on COCO captions, tfds.
 
 Command (on a machine where tfds's `coco_captions` is prepared; see Data):
   python -m mmjax.train --config configs/coco_captions.py \
@@ -7,7 +7,12 @@ Command (on a machine where tfds's `coco_captions` is prepared; see Data):
       --config.data_dir=/data/tfds --workdir /tmp/coco_captions
 
 Arguments (comma list after the colon):
-  objective=NAME  softmax (default), sigmoid or sigmoid_ring.
+  objective=NAME  softmax (default), sigmoid or sigmoid_ring: LiT towers;
+                  captioning: a PaLI-style prefix captioner (ViT-B/16
+                  tokens, then a 6-layer width-512 byte-level decoder;
+                  mmjax.models.generative), evaluated by BLEU-4, CIDEr-D
+                  and ROUGE-L of greedy captions (`captioning`); coca: CoCa
+                  (ViT-B/16, 6 + 6 decoder layers; Yu et al. 2022).
   smoke           a complete run (train, eval, checkpoint) of 4 steps with
                   tiny towers: a ViT on 32x32 images against a byte-level
                   bag-of-embeddings text tower, so that no pretrained weights
@@ -45,21 +50,47 @@ def get_config(arg=None):
   args = common.parse_arg(arg, objective="softmax", smoke=False, seed=0, steps=5000)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
+  generative = args.objective in ("captioning", "coca")
 
   # Data.
-  common.set_data(config, "tfds:coco_captions/2014:1.1.0", modalities=("image", "text"), eval_splits=("test",), data_workers=0 if args.smoke else 8)
+  common.set_data(config, "tfds:coco_captions/2014:1.1.0", modalities=("image",) if generative else ("image", "text"), eval_splits=("test",), data_workers=0 if args.smoke else 8)
   config.image_size = 32 if args.smoke else 224
   config.text = ml_collections.ConfigDict()
-  config.text.tokenizer = "bytes" if args.smoke else "minilm"
+  config.text.tokenizer = "bytes" if args.smoke or generative else "minilm"
   config.text.max_length = 32 if args.smoke else 64
   config.text.captions_key = "captions/text"
   config.text.num_captions = 5
-  config.evaluators = {"retrieval": {"query": "text", "target": "image"}}
+  config.evaluators = ({"captioning": {}} if generative else
+                       {"retrieval": {"query": "text", "target": "image"}})
 
   # Model.
   config.objective = args.objective
   config.model = ml_collections.ConfigDict()
-  if args.smoke:
+  if generative:
+    vit = ({"name": "vit", "width": 32, "depth": 2, "mlp_dim": 64,
+            "num_heads": 2, "patch_size": 8, "pool": "none"} if args.smoke
+           else {"name": "vit", "variant": "B/16", "pool": "none"})
+    width = 32 if args.smoke else 512
+    layers, heads = (1, 2) if args.smoke else (6, 8)
+    config.model.encoders = {"image": vit}
+    config.model.bos_id = 1  # ByteTokenizer's end id starts each caption
+    if args.objective == "coca":
+      config.objective_kwargs = {"caption_weight": 2.0,
+                                 "contrastive_weight": 1.0}
+      config.model.update(
+          vocab_size=common.BYTE_VOCAB_SIZE, width=width,
+          unimodal_layers=layers, multimodal_layers=layers, num_heads=heads,
+          mlp_dim=4 * width, max_length=config.text.max_length + 1,
+          embed_dim=width, num_queries=16 if args.smoke else 256)
+    else:
+      config.model.conditioning = "prefix"
+      config.model.decoder = {
+          "vocab_size": common.BYTE_VOCAB_SIZE, "width": width,
+          "num_layers": layers, "num_heads": heads, "mlp_dim": 4 * width,
+          "max_length": (16 if args.smoke else 196) + 2 * config.text.max_length,
+          "positions": "learned", "dropout": 0.0}
+    common.set_generation(config, max_new_tokens=config.text.max_length)
+  elif args.smoke:
     config.model.encoders = {
         "image": {"name": "vit", "width": 32, "depth": 2, "mlp_dim": 64,
                   "num_heads": 2, "patch_size": 8, "pool": "gap"},

@@ -112,6 +112,22 @@ def test_smoke_trains_and_evaluates_on_mock_data(metadata_dir, tmp_path):
           final["eval/coco_captions_2014/retrieval/text_to_image/R@1"])
 
 
+@pytest.mark.parametrize("objective", ["captioning", "coca"])
+def test_captioning_smoke_trains_and_scores_captions_on_mock_data(
+    metadata_dir, tmp_path, objective):
+  config = configs.apply_overrides(
+      configs.load_config(f"{CONFIG},objective={objective}"),
+      [f"data_dir={tmp_path / 'tfds'}", "generation.max_new_tokens=6"])
+  experiment.check_config(config)
+  with mock_coco(metadata_dir):
+    train.train(config, str(tmp_path / "run"))
+  rows = [json.loads(line) for line in
+          (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  final = [r for r in rows if "wall_time_s" in r][-1]
+  for name in ("BLEU-4", "CIDEr-D", "ROUGE-L"):
+    assert np.isfinite(final[f"eval/coco_captions_2014/captioning/{name}"])
+
+
 def test_unprepared_dataset_is_a_usage_error(tmp_path):
   config = smoke_config(tmp_path / "empty")
   with pytest.raises(UsageError, match="coco_captions/2014:1.1.0 is not "
