@@ -112,7 +112,8 @@ def test_smoke_trains_and_evaluates_on_mock_data(metadata_dir, tmp_path):
           final["eval/coco_captions_2014/retrieval/text_to_image/R@1"])
 
 
-@pytest.mark.parametrize("objective", ["captioning", "coca"])
+@pytest.mark.parametrize("objective", [
+    "captioning", pytest.param("coca", marks=pytest.mark.slow)])
 def test_captioning_smoke_trains_and_scores_captions_on_mock_data(
     metadata_dir, tmp_path, objective):
   config = configs.apply_overrides(
