@@ -83,7 +83,7 @@ class MmjaxStep:
     batch_sharding = parallel.batch_sharding(mesh)
     self.state, self.batch = state, jax.device_put(batch, batch_sharding)
     step = train.make_train_step(
-        model, tx, objectives.make_objective(config.objective, mesh), method)
+        model, tx, objectives.objective_of(config, mesh), method)
     self.compiled = jax.jit(
         step, in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, None)).lower(state, self.batch).compile()

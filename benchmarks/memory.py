@@ -74,7 +74,7 @@ def accum_rows():
   tx, _ = experiment.build_optimizer(config)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   state, _ = experiment.create_train_state(config, model, tx, spec, mesh)
-  objective = objectives.make_objective(config.objective, mesh)
+  objective = objectives.objective_of(config, mesh)
   for k in (1, 2, 4):
     compiled = jax.jit(train.make_train_step(
         model, tx, objective, grad_accum_steps=k, mesh=mesh)).lower(

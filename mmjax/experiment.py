@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax import (configs, evaluators, methods, objectives, parallel,
-                   registry, results, rundir)
+from mmjax import (checkpoint, configs, evaluators, methods, objectives,
+                   parallel, registry, results, rundir)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
-from mmjax import checkpoint
 from mmjax.models import generative, pretrained
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
@@ -148,8 +147,7 @@ def check_generative(config):
       raise UsageError("config key 'model.decoder' is needed by objective "
                        "'captioning'")
   try:
-    objectives.make_objective(config.objective, None,
-                              **config.get("objective_kwargs", {}))
+    objectives.objective_of(config, None)
   except (TypeError, ValueError) as e:
     raise UsageError(f"config key 'objective_kwargs': {e}") from None
   options = config.get("generation") or {}
@@ -398,14 +396,16 @@ class Experiment:
                           for s, source in self.eval_sources.items()}
 
 
-def generation_options(config) -> dict | None:
+def generation_options(config, tokenizer=None) -> dict | None:
   """A generative model's decoding options (`config.generation`, with the
-  end token from the tokenizer), or None for other models."""
+  end token from `tokenizer`, by default the config's), or None for other
+  models."""
   if config.objective not in objectives.GENERATIVE:
     return None
   options = dict(config.get("generation") or {})
   options.setdefault("max_new_tokens", config.text.max_length)
-  options.setdefault("eos_id", pipeline.text_tokenizer(config).eos_id)
+  tokenizer = tokenizer or pipeline.text_tokenizer(config)
+  options.setdefault("eos_id", tokenizer.eos_id)
   return options
 
 
@@ -446,7 +446,8 @@ def _build(config, training: bool) -> Experiment:
   tx, schedule = build_optimizer(config)
   run = Experiment(config, mesh, train_source, eval_sources, model, tx,
                    schedule, methods.Method(), None, None,
-                   make_predict_fn(model, generation_options(config)))
+                   make_predict_fn(model, generation_options(config,
+                                                             tokenizer)))
   run.method = methods.build(config, run if training else None)
   try:
     run.state, run.shardings = create_train_state(config, model, tx,

@@ -139,7 +139,8 @@ def generate(config, workdir: str, options: dict) -> tuple[pathlib.Path,
                      "do)")
   run, state = evaluate.restore_latest(config, workdir)
   tokenizer = pipeline.text_tokenizer(config)
-  method = experiment.generation_options(config).get("method", "greedy")
+  method = experiment.generation_options(config, tokenizer).get(
+      "method", "greedy")
   step = int(state.step)
   rows = []
   if any(options.get(k) for k in ("image", "audio", "prompt")):

@@ -158,3 +158,10 @@ def make_objective(name: str, mesh, **kwargs):
   if kwargs:
     raise ValueError(f"objective {name!r} takes no objective_kwargs")
   return PER_EXAMPLE[name] if name in PER_EXAMPLE else contrastive(name, mesh)
+
+
+def objective_of(config, mesh):
+  """The objective of a run's config: `config.objective` with its
+  `objective_kwargs` (`make_objective`)."""
+  return make_objective(config.objective, mesh,
+                        **config.get("objective_kwargs", {}))

@@ -135,8 +135,7 @@ def _train(config, workdir: str, start_time: float):
 
     # ---------------------------------------------------------- compile --
     batch_sharding = parallel.batch_sharding(run.mesh)
-    objective = objectives.make_objective(
-        config.objective, run.mesh, **config.get("objective_kwargs", {}))
+    objective = objectives.objective_of(config, run.mesh)
     accum = config.get("grad_accum_steps", 1)
     step_fn = jax.jit(
         make_train_step(run.model, run.tx, objective, method,
