@@ -177,11 +177,9 @@ class GenerativeModel(nn.Module):
       full_attention_length = prefix_length(self.conditioning, media, prompt)
     kwargs = {}
     if start and prompt is not None:
-      tokens = jnp.concatenate([prompt, tokens], 1)
       kwargs["token_valid"] = jnp.concatenate(
-          [prompt != PAD_ID, jnp.ones(tokens.shape[:1] + (tokens.shape[1]
-                                                          - prompt.shape[1],),
-                                      bool)], 1)
+          [prompt != PAD_ID, jnp.ones(tokens.shape, bool)], 1)
+      tokens = jnp.concatenate([prompt, tokens], 1)
     if self.conditioning == "prefix" and start:
       kwargs.update(prefix=media, prefix_valid=media_valid)
     elif self.conditioning == "cross_attention":
