@@ -87,7 +87,7 @@ def test_load_gpt2_maps_every_tensor(numpy_checkpoint):
   assert kwargs == dict(vocab_size=VOCAB, width=WIDTH, num_layers=LAYERS,
                         num_heads=HEADS, mlp_dim=4 * WIDTH,
                         max_length=POSITIONS, positions="learned",
-                        layer_norm_epsilon=1e-5, approximate_gelu=True)
+                        layer_norm_epsilon=1e-5, activation="gelu_tanh")
   attention = params["layer_1"]["attention"]
   head_dim = WIDTH // HEADS
   qkv = state["transformer.h.1.attn.c_attn.weight"]
@@ -136,10 +136,10 @@ def test_missing_config_key_is_named():
 
 def test_activations():
   assert gpt2_config({**HF_CONFIG, "activation_function": "gelu"})[
-      "approximate_gelu"] is False
+      "activation"] == "gelu"
   assert gpt2_config({**HF_CONFIG, "activation_function":
                       "gelu_pytorch_tanh", "n_inner": 48})[
-                          "approximate_gelu"] is True
+                          "activation"] == "gelu_tanh"
 
 
 def test_untied_head_is_refused(numpy_checkpoint, tmp_path):
@@ -216,7 +216,8 @@ def reference_model(tmp_path, activation="gelu_new", n_inner=None):
 def test_logits_match_gpt2lmheadmodel(tmp_path, activation, n_inner):
   ids, reference = reference_model(tmp_path, activation, n_inner)
   kwargs, params = load_gpt2(tmp_path)
-  assert kwargs["approximate_gelu"] == (activation == "gelu_new")
+  assert kwargs["activation"] == ("gelu_tanh" if activation == "gelu_new"
+                                  else "gelu")
   assert kwargs["mlp_dim"] == (n_inner or 4 * WIDTH)
   logits = TextDecoder(**kwargs).apply({"params": params}, ids)
   np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-5)

@@ -203,15 +203,23 @@ def _strings(values) -> list[str]:
 
 def text_tokenizer(config):
   """The tokenizer named by `config.text.tokenizer`: "minilm" (WordPiece of
-  all-MiniLM-L6-v2) or "bytes" (UTF-8 bytes, `ByteTokenizer`)."""
+  all-MiniLM-L6-v2), "bytes" (UTF-8 bytes, `ByteTokenizer`) or "clip:DIR"
+  (the CLIP BPE of a checkpoint directory's tokenizer.json,
+  `clip_tokenizer`)."""
   # pylint: disable-next=import-outside-toplevel
-  from mmjax.data.tokenizer import minilm_tokenizer
-  if config.text.tokenizer == "bytes":
-    return ByteTokenizer(config.text.max_length)
-  if config.text.tokenizer != "minilm":
-    raise UsageError(f"unknown text.tokenizer '{config.text.tokenizer}' "
-                     "(known: minilm, bytes)")
-  return minilm_tokenizer(config.text.max_length)
+  from mmjax.data.tokenizer import clip_tokenizer, minilm_tokenizer
+  name, length = config.text.tokenizer, config.text.max_length
+  if name == "bytes":
+    return ByteTokenizer(length)
+  if name.startswith("clip:"):
+    try:
+      return clip_tokenizer(name[len("clip:"):], length)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"config key 'text.tokenizer': {e}") from e
+  if name != "minilm":
+    raise UsageError(f"unknown text.tokenizer '{name}' (known: minilm, "
+                     "bytes, clip:DIR)")
+  return minilm_tokenizer(length)
 
 
 def fit_length(waveform: np.ndarray, length: int) -> np.ndarray:

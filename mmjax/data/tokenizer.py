@@ -163,10 +163,12 @@ class HuggingFaceTokenizer:
 
   For GPT-2's byte-level BPE (Radford et al. 2019; Sennrich et al., "Neural
   Machine Translation of Rare Words with Subword Units", ACL 2016) and any
-  other `tokenizers.Tokenizer` file. Each row is the text's ids (without the
-  file's own special tokens, e.g. a BOS) then the end token `eos_id`, cut to
-  `max_length` (the end token is kept) and right-padded with `pad_id` to
-  exactly `max_length`.
+  other `tokenizers.Tokenizer` file, CLIP's among them (`bos_token=
+  "<|startoftext|>"`). Each row is the start token `bos_id` if there is one,
+  the text's ids (without the file's own special tokens) and the end token
+  `eos_id`, cut to `max_length` (the start and end tokens are kept, as
+  CLIP's tokenisers cut) and right-padded with `pad_id` to exactly
+  `max_length`.
 
   Padding: GPT-2 has no padding token and its id 0 is "!", a real token, so
   the padding id cannot tell padding apart. `pad_id` defaults to `eos_id`
@@ -185,23 +187,34 @@ class HuggingFaceTokenizer:
     max_length: L, the fixed length of every row (at least 1).
     eos_token: the end token, which must be in the vocabulary.
     pad_id: the padding id; default `eos_id`.
+    bos_token: a start token put before the text (None: none).
   """
 
   def __init__(self, path: str | os.PathLike, max_length: int = 128, *,
-               eos_token: str = "<|endoftext|>", pad_id: int | None = None):
+               eos_token: str = "<|endoftext|>", pad_id: int | None = None,
+               bos_token: str | None = None):
     path = pathlib.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"tokenizer file {path} does not exist "
                               "(expected a tokenizer.json)")
-    if max_length < 1:
-      raise ValueError(f"max_length must be positive, got {max_length}")
     self._tokenizer = _tokenizers().Tokenizer.from_file(str(path))
     self._tokenizer.no_truncation()
     self._tokenizer.no_padding()
-    self.eos_id = self._tokenizer.token_to_id(eos_token)
-    if self.eos_id is None:
-      raise ValueError(f"end token {eos_token!r} is not in the vocabulary of "
-                       f"{path}")
+
+    def token_id(token, what):
+      if token is None:
+        return None
+      if self._tokenizer.token_to_id(token) is None:
+        raise ValueError(f"{what} token {token!r} is not in the vocabulary "
+                         f"of {path}")
+      return self._tokenizer.token_to_id(token)
+
+    self.eos_id = token_id(eos_token, "end")
+    self.bos_id = token_id(bos_token, "start")
+    self._start = [] if self.bos_id is None else [self.bos_id]
+    if max_length < 1 + len(self._start):
+      raise ValueError(f"max_length must be at least {1 + len(self._start)}"
+                       f", got {max_length}")
     self.pad_id = self.eos_id if pad_id is None else int(pad_id)
     if not 0 <= self.pad_id < self.vocab_size:
       raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary "
@@ -220,8 +233,9 @@ class HuggingFaceTokenizer:
       texts: B strings.
 
     Returns:
-      ids: int32 [B, max_length], each row text ids, `eos_id`, then `pad_id`.
-      mask: bool [B, max_length], True at the text ids and the `eos_id`.
+      ids: int32 [B, max_length], each row `bos_id` (if any), text ids,
+        `eos_id`, then `pad_id`.
+      mask: bool [B, max_length], True but at the padding.
     """
     if isinstance(texts, str):
       raise TypeError("texts must be a sequence of strings, not one string")
@@ -230,15 +244,31 @@ class HuggingFaceTokenizer:
     mask = np.zeros((len(texts), self.max_length), bool)
     encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
     for i, encoding in enumerate(encodings):
-      row = encoding.ids[:self.max_length - 1] + [self.eos_id]
+      text = encoding.ids[:self.max_length - 1 - len(self._start)]
+      row = self._start + text + [self.eos_id]
       ids[i, :len(row)] = row
       mask[i, :len(row)] = True
     return ids, mask
 
   def decode(self, ids: np.ndarray) -> list[str]:
     """ids [B, L] -> B strings, each up to its row's first `eos_id` (the
-    whole row if none), without special tokens."""
+    whole row if none), without special tokens (`bos_id` too)."""
     rows = []
     for row in np.asarray(ids).tolist():
       rows.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
     return self._tokenizer.decode_batch(rows, skip_special_tokens=True)
+
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def clip_tokenizer(directory: str | os.PathLike,
+                   max_length: int = 77) -> HuggingFaceTokenizer:
+  """CLIP's tokeniser (Radford et al. 2021: lower-cased byte-level BPE,
+  each text between <|startoftext|> and <|endoftext|>, cut to
+  `max_length`, default CLIP's context of 77) from the `tokenizer.json` of
+  a Hugging Face CLIP checkpoint directory. Rows are padded with the end
+  token, which a `TextTransformer` never reads past."""
+  return HuggingFaceTokenizer(pathlib.Path(directory) / "tokenizer.json",
+                              max_length, eos_token=CLIP_EOS,
+                              bos_token=CLIP_BOS)

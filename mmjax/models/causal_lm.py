@@ -33,7 +33,7 @@ Mapping (D = n_embd, H = n_head, Dh = D / H; GPT-2's Conv1D weights are
                                      `embed.attend`); checked to equal it
 
 activation_function "gelu_new", "gelu_pytorch_tanh" and "gelu_fast" (the
-same tanh approximation) give approximate_gelu=True, "gelu" (erf) False.
+same tanh approximation) give activation="gelu_tanh", "gelu" (erf) "gelu".
 GPT-2's dropout rates (embd_pdrop, attn_pdrop, resid_pdrop) are not part of
 the architecture and not returned: pass TextDecoder's single `dropout`
 yourself to fine-tune.
@@ -64,13 +64,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from einops import rearrange
 
+from mmjax.models.convert import (first_mismatch, load_safetensors,
+                                  param_shapes, split_heads)
 from mmjax.models.decoder import TextDecoder
 
-# activation_function -> TextDecoder's approximate_gelu.
-GPT2_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True,
-                    "gelu_fast": True, "gelu": False}
+# activation_function -> TextDecoder's activation.
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 # Config flags with the only value TextDecoder implements.
 _REQUIRED_FLAGS = {"scale_attn_weights": True,
@@ -89,7 +90,7 @@ def gpt2_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   Returns:
     vocab_size, width (n_embd), num_layers (n_layer), num_heads (n_head),
     mlp_dim (n_inner, default 4 n_embd), max_length (n_positions),
-    positions="learned", layer_norm_epsilon and approximate_gelu.
+    positions="learned", layer_norm_epsilon and activation.
 
   Raises:
     ValueError: naming the config key TextDecoder cannot represent.
@@ -123,16 +124,7 @@ def gpt2_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
       max_length=hf_config["n_positions"],
       positions="learned",
       layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
-      approximate_gelu=GPT2_ACTIVATIONS[activation])
-
-
-def _split_heads(x: np.ndarray, num_heads: int, pattern: str) -> np.ndarray:
-  """rearrange(x, pattern) into heads; an x whose width is not divisible by
-  num_heads is returned as it is, for `check_fits` to report."""
-  axis = 0 if pattern.startswith("(") else -1
-  if x.shape[axis] % num_heads:
-    return x
-  return rearrange(x, pattern, h=num_heads)
+      activation=GPT2_ACTIVATIONS[activation])
 
 
 def convert_gpt2(state: Mapping[str, Any], config: Mapping[str, Any],
@@ -190,10 +182,10 @@ def convert_gpt2(state: Mapping[str, Any], config: Mapping[str, Any],
     for n, kernel, bias in zip(("query", "key", "value"),
                                np.split(qkv["kernel"], 3, -1),
                                np.split(qkv["bias"], 3, -1)):
-      attention[n] = {"kernel": _split_heads(kernel, heads, "d (h k) -> d h k"),
-                      "bias": _split_heads(bias, heads, "(h k) -> h k")}
+      attention[n] = {"kernel": split_heads(kernel, heads, "d (h k) -> d h k"),
+                      "bias": split_heads(bias, heads, "(h k) -> h k")}
     out = dense(f"{layer}.attn.c_proj")
-    attention["out"] = {"kernel": _split_heads(out["kernel"], heads,
+    attention["out"] = {"kernel": split_heads(out["kernel"], heads,
                                                "(h k) d -> h k d"),
                         "bias": out["bias"]}
     params[f"layer_{i}"] = {
@@ -218,72 +210,10 @@ def convert_gpt2(state: Mapping[str, Any], config: Mapping[str, Any],
   return params
 
 
-def _items(tree):
-  return tree.items() if isinstance(tree, Mapping) else ()
-
-
-def first_mismatch(expected_tree: Mapping[str, Any],
-                   loaded_tree: Mapping[str, Any],
-                   path: str = "") -> str | None:
-  """The first difference between two parameter trees, or None.
-
-  Walks `expected_tree` in its order (a Flax init's: the model's order),
-  then the keys only `loaded_tree` has; leaves are compared by shape only
-  (arrays or `jax.ShapeDtypeStruct`s).
-
-  Returns:
-    None if the trees have the same keys and leaf shapes, else one line
-    starting with the parameter's "/"-joined path, e.g.
-    "position_embeddings: expected shape (32, 16), got (64, 16)".
-  """
-  if not isinstance(loaded_tree, Mapping):
-    return f"{path or '<root>'}: expected a subtree, got an array"
-  for key, want in _items(expected_tree):
-    name = f"{path}/{key}" if path else str(key)
-    if key not in loaded_tree:
-      return f"{name}: missing from the checkpoint"
-    got = loaded_tree[key]
-    if isinstance(want, Mapping):
-      found = first_mismatch(want, got, name)
-      if found:
-        return found
-    elif isinstance(got, Mapping):
-      return f"{name}: expected an array of shape {tuple(want.shape)}, got " \
-             "a subtree"
-    elif tuple(want.shape) != tuple(np.shape(got)):
-      return (f"{name}: expected shape {tuple(want.shape)}, got "
-              f"{tuple(np.shape(got))}")
-  for key in loaded_tree:
-    if key not in expected_tree:
-      name = f"{path}/{key}" if path else str(key)
-      return f"{name}: not a parameter of the model"
-  return None
-
-
-def _skeleton(tree):
-  """The nested keys of `tree`, in its order."""
-  return ({k: _skeleton(v) for k, v in tree.items()}
-          if isinstance(tree, Mapping) else None)
-
-
-def _in_order(tree, skeleton):
-  return (tree if skeleton is None else
-          {k: _in_order(tree[k], sub) for k, sub in skeleton.items()})
-
-
 def decoder_shapes(config: Mapping[str, Any]) -> dict[str, Any]:
-  """The parameter shapes (`jax.ShapeDtypeStruct`s) of TextDecoder(**config),
-  without allocating them, in the model's order (token_embeddings,
-  position_embeddings, layer_0, ...: init's, which eval_shape would sort)."""
-  order = {}
-
-  def init(ids):
-    params = TextDecoder(**config).init(jax.random.key(0), ids)["params"]
-    order["params"] = _skeleton(params)
-    return params
-
-  shapes = jax.eval_shape(init, jax.ShapeDtypeStruct((1, 1), jnp.int32))
-  return _in_order(shapes, order["params"])
+  """The parameter shapes of TextDecoder(**config), in the model's order."""
+  return param_shapes(TextDecoder(**config),
+                      jax.ShapeDtypeStruct((1, 1), jnp.int32))
 
 
 def check_fits(params: Mapping[str, Any], config: Mapping[str, Any]) -> None:
@@ -293,38 +223,6 @@ def check_fits(params: Mapping[str, Any], config: Mapping[str, Any]) -> None:
   if mismatch:
     raise ValueError("checkpoint does not fit its config's TextDecoder: "
                      f"{mismatch}")
-
-
-def _load_tensors(directory: pathlib.Path) -> dict[str, Any]:
-  """All tensors of model.safetensors, or of the shards that
-  model.safetensors.index.json lists, on the CPU (bfloat16 included)."""
-  single = directory / "model.safetensors"
-  index = directory / "model.safetensors.index.json"
-  if single.is_file():
-    files = [single]
-  elif index.is_file():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    files = [directory / f for f in dict.fromkeys(weight_map.values())]
-  else:
-    raise FileNotFoundError(
-        f"{directory} has neither model.safetensors nor "
-        "model.safetensors.index.json (torch-free loading needs safetensors; "
-        "convert a pytorch_model.bin with transformers' save_pretrained)")
-  try:
-    # pylint: disable-next=import-outside-toplevel
-    from safetensors.flax import load_file
-  except ImportError as e:
-    raise ImportError('loading checkpoints needs `safetensors`: pip install '
-                      '-e ".[text]"') from e
-  try:
-    device = jax.devices("cpu")[0]
-  except RuntimeError:  # no CPU backend enabled (JAX_PLATFORMS)
-    device = None
-  state = {}
-  with jax.default_device(device):
-    for path in files:
-      state.update(load_file(str(path)))
-  return state
 
 
 def load_gpt2(directory: str | os.PathLike,
@@ -350,6 +248,6 @@ def load_gpt2(directory: str | os.PathLike,
     raise FileNotFoundError(f"GPT-2 checkpoint file {config_file} does not "
                             "exist")
   config = gpt2_config(json.loads(config_file.read_text()))
-  params = convert_gpt2(_load_tensors(directory), config, dtype)
+  params = convert_gpt2(load_safetensors(directory), config, dtype)
   check_fits(params, config)
   return config, params

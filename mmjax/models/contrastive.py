@@ -16,9 +16,13 @@ from mmjax.models.precision import Dtype, to_compute, to_float32
 INITIAL_LOGIT_PARAMS = {"softmax": (math.log(1 / 0.07), 0.0),
                         "sigmoid": (math.log(10.0), -10.0)}
 
+# Tower projections: a Dense layer with a bias, one without (CLIP's), or
+# none (SigLIP's image tower, whose attention-pooling head is the last layer).
+PROJECTIONS = ("dense", "linear", "none")
+
 
 class Tower(nn.Module):
-  """One modality's tower: front end, encoder, mean pool, linear projection.
+  """One modality's tower: front end, encoder, mean pool, projection.
 
   Input [B, ...] -> embedding [B, embed_dim], L2-normalised. With
   `multi_item=True` the input is [B, C, ...] (e.g. C captions per image) and
@@ -30,6 +34,8 @@ class Tower(nn.Module):
     encoder: the encoder module, input [B, ...] -> tokens [B, N, D]; named
       "encoder" in the parameter tree.
     embed_dim: width of the projection ("projection", [D, embed_dim]).
+    projection: a `PROJECTIONS` name: "dense" (kernel and bias), "linear"
+      (kernel only) or "none" (the pooled features are the embedding).
     frontend: optional module applied before the encoder ("frontend"), e.g.
       waveform [B, T] -> log-mel [B, F, T'].
     locked: stop gradients at the encoder's output.
@@ -40,6 +46,7 @@ class Tower(nn.Module):
   """
   encoder: nn.Module
   embed_dim: int
+  projection: str = "dense"
   frontend: nn.Module | None = None
   locked: bool = False
   dtype: Dtype = jnp.float32
@@ -56,9 +63,15 @@ class Tower(nn.Module):
                           train=train)  # attached as "encoder"
     if self.locked:  # no backward pass through a frozen encoder
       tokens = jax.lax.stop_gradient(tokens)
-    z = to_float32(nn.Dense(self.embed_dim, dtype=self.dtype,
-                            param_dtype=self.param_dtype,
-                            name="projection")(pool_tokens(tokens)))
+    if self.projection not in PROJECTIONS:
+      raise ValueError(f"projection must be one of {PROJECTIONS}, got "
+                       f"{self.projection!r}")
+    z = pool_tokens(tokens)
+    if self.projection != "none":
+      z = nn.Dense(self.embed_dim, use_bias=self.projection == "dense",
+                   dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="projection")(z)
+    z = to_float32(z)
     z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
     return z.reshape(lead + (self.embed_dim,))
 
@@ -96,6 +109,7 @@ class ContrastiveModel(nn.Module):
     objective: "softmax" or "sigmoid", for the initial scale and bias.
     locked: modalities whose encoder is frozen (see `Tower.locked`).
     frontends: optional per-modality front ends applied before the encoder.
+    projections: per modality a `PROJECTIONS` name (default "dense").
 
   Only the towers of modalities present in the batch run (e.g. the text
   tower alone to embed class prompts).
@@ -112,6 +126,7 @@ class ContrastiveModel(nn.Module):
   objective: str = "softmax"
   locked: Sequence[str] = ()
   frontends: Mapping[str, nn.Module] | None = None
+  projections: Mapping[str, str] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -127,6 +142,7 @@ class ContrastiveModel(nn.Module):
       if m not in batch:
         continue
       tower = Tower(_detached(self.encoders[m]), self.embed_dim,
+                    projection=(self.projections or {}).get(m, "dense"),
                     frontend=_detached(frontends.get(m)),
                     locked=m in self.locked, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"tower_{m}")

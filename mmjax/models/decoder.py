@@ -154,7 +154,7 @@ class DecoderBlock(nn.Module):
   cross_attention: bool = False
   full_attention_length: int = 0
   decode: bool = False
-  approximate_gelu: bool = False
+  activation: str = "gelu"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -183,7 +183,7 @@ class DecoderBlock(nn.Module):
                       mask=mask)
       x = x + drop(zero_masked(update, jnp.any(context_valid, -1)))
     ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp",
-                      approximate_gelu=self.approximate_gelu, **precision)
+                      activation=self.activation, **precision)
     return x + drop(ffn(norm("norm_mlp")(x), train=train))
 
 
@@ -203,8 +203,8 @@ class TextDecoder(nn.Module):
     dropout: dropout of embeddings, attention weights and residual branches.
     layer_norm_epsilon: 1e-5 (GPT-2).
     cross_attention: every block cross-attends to `context`.
-    approximate_gelu: the feed-forward's GELU is the tanh approximation
-      (GPT-2's "gelu_new"), not the exact erf one.
+    activation: the feed-forward's, a `mmjax.models.layers.ACTIVATIONS`
+      name ("gelu_tanh" for GPT-2's "gelu_new").
     remat: a `mmjax.models.layers.REMAT_POLICIES` name for the blocks.
     dtype, param_dtype: compute and parameter dtypes; the logits are float32.
   """
@@ -218,7 +218,7 @@ class TextDecoder(nn.Module):
   dropout: float = 0.0
   layer_norm_epsilon: float = 1e-5
   cross_attention: bool = False
-  approximate_gelu: bool = False
+  activation: str = "gelu"
   remat: str = NO_REMAT
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -299,7 +299,7 @@ class TextDecoder(nn.Module):
         x = gated_blocks[i](x, gated_context, gated_valid, train=train)
       x = block(self.num_heads, self.mlp_dim, self.max_length, self.positions,
                 self.dropout, self.layer_norm_epsilon, self.cross_attention,
-                full_attention_length, decode, self.approximate_gelu,
+                full_attention_length, decode, self.activation,
                 name=f"layer_{i}", **precision)(x, positions, valid, context, context_valid,
                              train)
     x = nn.LayerNorm(self.layer_norm_epsilon, name="norm_out", **precision)(x)

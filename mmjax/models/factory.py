@@ -167,15 +167,17 @@ def build_classifier(*, modalities: Sequence[str],
 def build_contrastive(*, modalities: Sequence[str],
                       encoders: Mapping[str, Mapping], embed_dim: int = 128,
                       objective: str = "softmax",
-                      locked: Sequence[str] = (), dtype="float32",
-                      param_dtype="float32", remat: str = NO_REMAT,
+                      locked: Sequence[str] = (),
+                      projections: Mapping[str, str] | None = None,
+                      dtype="float32", param_dtype="float32",
+                      remat: str = NO_REMAT,
                       scan_layers: bool = False) -> ContrastiveModel:
   """`ContrastiveModel` from names.
 
   Args:
     modalities: one tower each.
     encoders: per modality an encoder spec (see `build_encoders`).
-    embed_dim, objective, locked: as `ContrastiveModel`.
+    embed_dim, objective, locked, projections: as `ContrastiveModel`.
     dtype, param_dtype, remat, scan_layers: as `build_classifier`'s.
   """
   options = model_options(dtype, param_dtype, remat, scan_layers)
@@ -184,7 +186,8 @@ def build_contrastive(*, modalities: Sequence[str],
   return ContrastiveModel(modalities=tuple(modalities),
                           encoders=encoder_modules, frontends=frontends,
                           embed_dim=embed_dim, objective=objective,
-                          locked=tuple(locked), dtype=options["dtype"],
+                          locked=tuple(locked), projections=projections,
+                          dtype=options["dtype"],
                           param_dtype=options["param_dtype"])
 
 
@@ -249,7 +252,7 @@ def classifier_from_config(config) -> MultimodalClassifier:
 
 def contrastive_from_config(config) -> ContrastiveModel:
   """The towers of `config.modalities` and `config.model` (encoders,
-  embed_dim), the objective's family ("softmax" of "softmax_ring"), and as
+  embed_dim, optional projections), the objective's family ("softmax" of "softmax_ring"), and as
   `locked` every modality whose whole encoder `config.frozen` matches (a
   regex over parameter paths, e.g. "tower_text/encoder/.*"), with the
   config's dtype, param_dtype, remat and scan_layers."""
@@ -259,6 +262,7 @@ def contrastive_from_config(config) -> ContrastiveModel:
       modalities=tuple(config.modalities),
       encoders=_plain(config.model.encoders),
       embed_dim=config.model.embed_dim,
+      projections=_plain(config.model.get("projections")),
       objective=config.objective.split("_")[0],
       locked=tuple(m for m in config.modalities
                    if frozen and frozen.fullmatch(f"tower_{m}/encoder/")),

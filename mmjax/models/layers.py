@@ -232,25 +232,50 @@ def key_mask(present: jnp.ndarray, num_queries: int,
                           (present.shape[0], 1, num_queries, num_keys))
 
 
-class FeedForward(nn.Module):
-  """The transformer MLP: Dense(mlp_dim) -> GELU -> dropout -> Dense(D).
+def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP (Radford
+  et al., "Learning Transferable Visual Models From Natural Language
+  Supervision", ICML 2021; Hendrycks and Gimpel, "Gaussian Error Linear
+  Units", 2016, section 2)."""
+  return x * jax.nn.sigmoid(1.702 * x)
 
-  [..., D] -> [..., D] in `dtype`; parameters in `param_dtype`. GELU is the
-  exact (erf) one unless `approximate_gelu` (GPT-2's tanh approximation).
+
+# Feed-forward activations by name: the exact (erf) GELU of BERT and ViT,
+# its tanh approximation (GPT-2's "gelu_new", SigLIP's "gelu_pytorch_tanh")
+# and CLIP's sigmoid approximation.
+ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation_fn(name: str):
+  """The `ACTIVATIONS` function of `name`; ValueError for another name."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r} (known: "
+                     f"{', '.join(ACTIVATIONS)})")
+  return ACTIVATIONS[name]
+
+
+class FeedForward(nn.Module):
+  """The transformer MLP: Dense(mlp_dim) -> activation -> dropout -> Dense(D).
+
+  [..., D] -> [..., D] in `dtype`; parameters in `param_dtype`. The
+  activation is an `ACTIVATIONS` name: the exact (erf) GELU by default.
   """
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  approximate_gelu: bool = False
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     width = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    x = nn.gelu(dense(self.mlp_dim, name="dense_0")(x),
-                approximate=self.approximate_gelu)
+    x = activation_fn(self.activation)(dense(self.mlp_dim, name="dense_0")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return dense(width, name="dense_1")(x)
 
@@ -275,13 +300,14 @@ class TransformerBlock(nn.Module):
   Computes in `dtype` (the output is `dtype`; LayerNorm statistics and the
   attention softmax in float32), parameters in `param_dtype`.
   `remat(TransformerBlock, policy)` is its rematerialised form, with the same
-  parameters.
+  parameters. `activation` is the feed-forward's (`ACTIVATIONS`).
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   post_norm: bool = False
   layer_norm_epsilon: float = 1e-6
+  activation: str = "gelu"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -297,7 +323,8 @@ class TransformerBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon,
                                      name=name, **precision)
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp", **precision)
+    ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp",
+                      activation=self.activation, **precision)
     any_key = None
     if context is not None:
       if present is None or mask is not None:

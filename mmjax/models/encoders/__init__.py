@@ -11,6 +11,7 @@ gives [B, 1, D]) and is called as `encoder(x, train=...)`.
   frames             video.FrameEncoder            video [B, T, H, W(, C)]
   bert               text.BertEncoder              token ids [B, L]
   bag_of_embeddings  text.BagOfEmbeddings          token ids [B, L]
+  text_transformer   text.TextTransformer          token ids [B, L]
 
 `FRONTENDS` turn raw signals into encoder inputs: `logmel`, waveform [B, T]
 -> log-mel spectrogram or MFCC [B, F, T'].
@@ -20,7 +21,8 @@ from mmjax.models.encoders.audio import (FRONTENDS, AudioSpectrogramTransformer,
                                          LogMelSpectrogram)
 from mmjax.models.encoders.image import LeNet
 from mmjax.models.encoders.resnet import ResNet
-from mmjax.models.encoders.text import BagOfEmbeddings, BertEncoder
+from mmjax.models.encoders.text import (BagOfEmbeddings, BertEncoder,
+                                        TextTransformer)
 from mmjax.models.encoders.video import FrameEncoder
 from mmjax.models.encoders.vit import ViT
 
@@ -32,8 +34,9 @@ ENCODERS = {
     "frames": FrameEncoder,
     "bert": BertEncoder,
     "bag_of_embeddings": BagOfEmbeddings,
+    "text_transformer": TextTransformer,
 }
 
 __all__ = ["ENCODERS", "FRONTENDS", "AudioSpectrogramTransformer",
            "BagOfEmbeddings", "BertEncoder", "FrameEncoder", "LeNet",
-           "LogMelSpectrogram", "ResNet", "ViT"]
+           "LogMelSpectrogram", "ResNet", "TextTransformer", "ViT"]

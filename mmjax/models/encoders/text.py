@@ -172,3 +172,96 @@ class BagOfEmbeddings(nn.Module):
     if self.features is not None:
       x = nn.Dense(self.features, name="dense", **precision)(x)
     return x
+
+
+TEXT_TRANSFORMER_POOLS = ("eos", "last", "none")
+
+
+class TextTransformer(nn.Module):
+  """The text tower of CLIP and SigLIP: ids [B, L] -> [B, 1, D] or [B, L, D].
+
+  Radford et al., "Learning Transferable Visual Models From Natural Language
+  Supervision", ICML 2021 (section 2.4: a 12-layer width-512 Transformer
+  with masked, i.e. causal, self-attention; "the activations of the highest
+  layer of the transformer at the [EOS] token are treated as the feature
+  representation of the text", after a final LayerNorm), and Zhai et al.,
+  "Sigmoid Loss for Language Image Pre-Training", ICCV 2023 (the same
+  encoder without the causal mask, read at the last position). The input is
+  the sum of token embeddings ("token_embedding") and a learned position
+  table ("position_embedding" [max_length, D]); then `num_layers`
+  pre-LayerNorm blocks `TransformerBlock` ("layer_<i>") and a final
+  LayerNorm ("norm_out"). The layout holds Hugging Face `CLIPTextModel` and
+  `SiglipTextModel` weights (`mmjax.models.clip`).
+
+  Padding needs no mask: with `causal=True` the positions up to the end
+  token never see what follows it, and SigLIP trains with padding attended
+  to (as big_vision does), so padded rows are encoded exactly as there.
+
+  Attributes:
+    vocab_size, width, num_layers, num_heads, mlp_dim: the architecture.
+    max_length: the position table's length, the longest input.
+    causal: causal self-attention (CLIP) or bidirectional (SigLIP).
+    pool: "eos" (the features at each row's end token, CLIP), "last" (at
+      the last position, SigLIP) or "none" (every position).
+    eos_id: the end token's id for pool="eos"; None takes each row's
+      largest id, as OpenAI's CLIP does (its end token is the last id of
+      its vocabulary).
+    activation: the feed-forward's (`mmjax.models.layers.ACTIVATIONS`).
+    layer_norm_epsilon: of every LayerNorm (CLIP 1e-5, SigLIP 1e-6).
+    dropout: of embeddings, attention weights and residual branches.
+    remat: a `mmjax.models.layers.REMAT_POLICIES` name for the blocks.
+    dtype, param_dtype: compute and parameter dtypes.
+  """
+  vocab_size: int
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  max_length: int = 77
+  causal: bool = True
+  pool: str = "eos"
+  eos_id: int | None = None
+  activation: str = "quick_gelu"
+  layer_norm_epsilon: float = 1e-5
+  dropout: float = 0.0
+  remat: str = NO_REMAT
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, token_ids: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """token_ids int [B, L], L <= max_length -> [B, 1, D] ([B, L, D] for
+    pool="none")."""
+    if self.pool not in TEXT_TRANSFORMER_POOLS:
+      raise ValueError(f"pool must be one of {TEXT_TRANSFORMER_POOLS}, got "
+                       f"{self.pool!r}")
+    if token_ids.ndim != 2:
+      raise ValueError(f"token_ids must be [B, L], got {token_ids.shape}")
+    length = token_ids.shape[1]
+    if length > self.max_length:
+      raise ValueError(f"sequence length {length} exceeds max_length="
+                       f"{self.max_length}")
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Embed(self.vocab_size, self.width,
+                 embedding_init=nn.initializers.normal(0.02),
+                 name="token_embedding", **precision)(token_ids)
+    table = self.param("position_embedding", nn.initializers.normal(0.01),
+                       (self.max_length, self.width), self.param_dtype)
+    x = x + table[:length].astype(x.dtype)[None]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    mask = nn.make_causal_mask(token_ids) if self.causal else None
+    block = functools.partial(
+        remat(TransformerBlock, self.remat), num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, dropout=self.dropout, post_norm=False,
+        layer_norm_epsilon=self.layer_norm_epsilon,
+        activation=self.activation, **precision)
+    for i in range(self.num_layers):
+      x = block(name=f"layer_{i}")(x, mask=mask, train=train)
+    x = nn.LayerNorm(self.layer_norm_epsilon, name="norm_out", **precision)(x)
+    if self.pool == "none":
+      return x
+    if self.pool == "last":
+      return x[:, -1:]
+    end = (jnp.argmax(token_ids, axis=-1) if self.eos_id is None else
+           jnp.argmax(token_ids == self.eos_id, axis=-1))
+    return jnp.take_along_axis(x, end[:, None, None], axis=1)

@@ -65,11 +65,14 @@ class MAPHead(nn.Module):
 
   Zhai et al., "Scaling Vision Transformers", CVPR 2022 (big_vision
   `MAPHead`): a learned probe query attends to the tokens; the result r
-  becomes r + MLP(LN(r)). Computes in `dtype` (softmax and LayerNorm
-  statistics in float32), parameters (the probe too) in `param_dtype`.
+  becomes r + MLP(LN(r)), the MLP's activation an `ACTIVATIONS` name.
+  Computes in `dtype` (softmax and LayerNorm statistics in float32),
+  parameters (the probe too) in `param_dtype`.
   """
   num_heads: int
   mlp_dim: int
+  activation: str = "gelu"
+  layer_norm_epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -83,8 +86,9 @@ class MAPHead(nn.Module):
     x = attention(self.num_heads,
                   kernel_init=nn.initializers.xavier_uniform(),
                   name="attention", **precision)(probe, x)
-    y = nn.LayerNorm(name="norm", **precision)(x)
-    return x + FeedForward(self.mlp_dim, name="mlp", **precision)(y)
+    y = nn.LayerNorm(self.layer_norm_epsilon, name="norm", **precision)(x)
+    return x + FeedForward(self.mlp_dim, activation=self.activation,
+                           name="mlp", **precision)(y)
 
 
 class ViT(nn.Module):
@@ -111,6 +115,13 @@ class ViT(nn.Module):
       fixed 2D sine-cosine embedding of the patches, not a parameter; the
       class token then gets none).
     dropout: dropout rate after the position embedding and inside the blocks.
+    pre_norm: a LayerNorm ("norm_pre") after the position embedding, before
+      the blocks (CLIP's `ln_pre`, Radford et al. 2021).
+    patch_bias: the patch embedding has a bias (CLIP's has none).
+    activation: the blocks' feed-forward activation, a
+      `mmjax.models.layers.ACTIVATIONS` name (CLIP: "quick_gelu", SigLIP:
+      "gelu_tanh").
+    layer_norm_epsilon: of every LayerNorm (big_vision 1e-6, CLIP 1e-5).
     dtype: compute dtype (the output's); LayerNorm statistics and attention
       softmax stay float32.
     param_dtype: the dtype parameters are stored in (the class token and
@@ -134,6 +145,10 @@ class ViT(nn.Module):
   pool: str = "gap"
   posemb: str = "learn"
   dropout: float = 0.0
+  pre_norm: bool = False
+  patch_bias: bool = True
+  activation: str = "gelu"
+  layer_norm_epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: str = NO_REMAT
@@ -160,7 +175,8 @@ class ViT(nn.Module):
       x = x[..., None]
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Conv(width, (patch, patch), strides=(patch, patch),
-                padding="VALID", name="embedding", **precision)(x)
+                padding="VALID", use_bias=self.patch_bias, name="embedding",
+                **precision)(x)
     b, h, w, _ = x.shape
     x = rearrange(x, "b h w d -> b (h w) d")  # patches in raster order
     if self.pool == "cls":
@@ -176,21 +192,27 @@ class ViT(nn.Module):
       pe = jnp.asarray(posemb_sincos_2d(h, w, width), x.dtype)
       offset = x.shape[1] - h * w  # 1 with the class token, which gets none.
       x = x.at[:, offset:].add(pe)
+    norm = functools.partial(nn.LayerNorm, self.layer_norm_epsilon,
+                             **precision)
+    if self.pre_norm:
+      x = norm(name="norm_pre")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     block = functools.partial(remat(TransformerBlock, self.remat),
                               cfg["num_heads"], cfg["mlp_dim"], self.dropout,
-                              post_norm=False, **precision)
+                              post_norm=False,
+                              layer_norm_epsilon=self.layer_norm_epsilon,
+                              activation=self.activation, **precision)
     if self.scan_layers:
       x = scan_blocks(block(name="blocks"), x, cfg["depth"], train=train)
     else:
       for i in range(cfg["depth"]):
         x = block(name=f"block_{i}")(x, train=train)
-    x = nn.LayerNorm(epsilon=1e-6, name="encoder_norm", **precision)(x)
+    x = norm(name="encoder_norm")(x)
     if self.pool == "cls":
       return x[:, :1]
     if self.pool == "gap":
       return jnp.mean(x, axis=1, keepdims=True)
     if self.pool == "map":
-      return MAPHead(cfg["num_heads"], cfg["mlp_dim"], name="map_head",
-                     **precision)(x)
+      return MAPHead(cfg["num_heads"], cfg["mlp_dim"], self.activation,
+                     self.layer_norm_epsilon, name="map_head", **precision)(x)
     return x
