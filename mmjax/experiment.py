@@ -28,7 +28,8 @@ from mmjax import (checkpoint, configs, evaluators, methods, objectives,
                    parallel, registry, results, rundir)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
-from mmjax.models import generative, pretrained
+from mmjax.models import clip, generative, pretrained
+from mmjax.models.convert import first_mismatch
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
@@ -256,17 +257,39 @@ def _subtree(params: dict, path: str, where: str):
   return node
 
 
-def pretrained_weights(path: str, name: str):
-  """The weights that `model.init` entry {path: name} names: "minilm"
-  (sentence-transformers all-MiniLM-L6-v2, `mmjax.models.pretrained`) or
-  "run:<workdir>", the subtree at `path` of another mmjax run's latest
-  checkpoint (e.g. the text-only LM a Flamingo model freezes)."""
-  if name.startswith("run:"):
-    workdir = name[len("run:"):]
-    return _subtree(checkpoint.read_params(workdir), path,
-                    f"config key 'model.init.{path}': run {workdir}")
+def _checkpoint(name: str, path: str, loaded: dict):
+  """The whole parameter tree that a "run:" or "clip:" entry names, read
+  once per `load_pretrained` call (`loaded` holds what was read)."""
+  if name not in loaded:
+    kind, _, location = name.partition(":")
+    try:
+      loaded[name] = (checkpoint.read_params(location) if kind == "run"
+                      else clip.load_clip(location)[1])
+    except (OSError, ValueError) as e:
+      raise UsageError(f"config key 'model.init.{path}': {e}") from e
+  return loaded[name]
+
+
+def pretrained_weights(path: str, name: str, loaded: dict | None = None):
+  """The weights that `model.init` entry {path: name} names:
+
+    "minilm"        sentence-transformers all-MiniLM-L6-v2's BERT encoder
+                    (`mmjax.models.pretrained`);
+    "run:<workdir>" the subtree at `path` of another mmjax run's latest
+                    checkpoint (e.g. the text-only LM a Flamingo model
+                    freezes);
+    "clip:<dir>"    the subtree at `path` of a CLIP checkpoint's
+                    ContrastiveModel tree (`mmjax.models.clip`: Hugging
+                    Face or open_clip), e.g. "tower_image".
+
+  `loaded` caches whole checkpoints between entries that name the same one.
+  """
+  if name.startswith(("run:", "clip:")):
+    tree = _checkpoint(name, path, {} if loaded is None else loaded)
+    return _subtree(tree, path, f"config key 'model.init.{path}': {name}")
   loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
-  configs.check_choice(f"model.init.{path}", name, [*loaders, "run:<workdir>"])
+  configs.check_choice(f"model.init.{path}", name,
+                       [*loaders, "run:<workdir>", "clip:<dir>"])
   return loaders[name]()
 
 
@@ -274,20 +297,24 @@ def load_pretrained(state: TrainState, inits) -> TrainState:
   """Overwrites parameter subtrees with pretrained weights, keeping shardings.
 
   `inits` maps a parameter path ("tower_text/encoder") to a pretrained
-  checkpoint name (`pretrained_weights`).
+  checkpoint name (`pretrained_weights`); weights that do not fit give a
+  UsageError naming the first mismatched parameter.
   """
   params = jax.tree.map(lambda x: x, state.params)  # fresh containers
+  loaded = {}
   for path, name in inits.items():
-    *parents, leaf = path.split("/")
-    node = params
-    for key in parents:
-      node = node[key]
-    old, new = node[leaf], pretrained_weights(path, name)
-    if jax.tree.structure(old) != jax.tree.structure(new) or any(
-        o.shape != np.shape(n) for o, n in zip(jax.tree.leaves(old),
-                                               jax.tree.leaves(new))):
-      raise UsageError(f"config key 'model.init': '{name}' does not fit the "
+    parent, _, leaf = path.rpartition("/")
+    node = _subtree(params, parent, "the model") if parent else params
+    if leaf not in node:
+      raise UsageError(f"config key 'model.init': the model has no "
                        f"parameters at '{path}'")
+    old, new = node[leaf], pretrained_weights(path, name, loaded)
+    mismatch = (first_mismatch(old, new, path) if isinstance(old, dict) else
+                None if np.shape(new) == old.shape else
+                f"{path}: expected shape {old.shape}, got {np.shape(new)}")
+    if mismatch:
+      raise UsageError(f"config key 'model.init.{path}': '{name}' does not "
+                       f"fit the model: {mismatch}")
     node[leaf] = jax.tree.map(
         lambda o, n: jax.device_put(np.asarray(n, o.dtype), o.sharding),
         old, new)

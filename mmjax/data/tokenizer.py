@@ -262,13 +262,21 @@ class HuggingFaceTokenizer:
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def clip_tokenizer(directory: str | os.PathLike,
-                   max_length: int = 77) -> HuggingFaceTokenizer:
-  """CLIP's tokeniser (Radford et al. 2021: lower-cased byte-level BPE,
-  each text between <|startoftext|> and <|endoftext|>, cut to
-  `max_length`, default CLIP's context of 77) from the `tokenizer.json` of
-  a Hugging Face CLIP checkpoint directory. Rows are padded with the end
-  token, which a `TextTransformer` never reads past."""
-  return HuggingFaceTokenizer(pathlib.Path(directory) / "tokenizer.json",
-                              max_length, eos_token=CLIP_EOS,
-                              bos_token=CLIP_BOS)
+class CLIPTokenizer(HuggingFaceTokenizer):
+  """CLIP's tokeniser (Radford et al. 2021: lower-cased byte-level BPE whose
+  word-final tokens end in "</w>", each text between <|startoftext|> and
+  <|endoftext|>, cut to `max_length`, default CLIP's context of 77) from the
+  `tokenizer.json` of a Hugging Face CLIP checkpoint directory. Rows are
+  padded with the end token, which a `TextTransformer` never reads past;
+  `decode` turns each "</w>" into a space, as open_clip's does."""
+
+  def __init__(self, directory: str | os.PathLike, max_length: int = 77):
+    super().__init__(pathlib.Path(directory) / "tokenizer.json", max_length,
+                     eos_token=CLIP_EOS, bos_token=CLIP_BOS)
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    return [" ".join(text.replace("</w>", " ").split())
+            for text in super().decode(ids)]
+
+
+clip_tokenizer = CLIPTokenizer

@@ -14,17 +14,21 @@ gives [B, 1, D]) and is called as `encoder(x, train=...)`.
   text_transformer   text.TextTransformer          token ids [B, L]
 
 `FRONTENDS` turn raw signals into encoder inputs: `logmel`, waveform [B, T]
--> log-mel spectrogram or MFCC [B, F, T'].
+-> log-mel spectrogram or MFCC [B, F, T']; `pixels`, image [B, H, W, C] in
+[0, 1] -> normalised pixels (CLIP's statistics by default).
 """
 
-from mmjax.models.encoders.audio import (FRONTENDS, AudioSpectrogramTransformer,
+from mmjax.models.encoders.audio import (AUDIO_FRONTENDS,
+                                         AudioSpectrogramTransformer,
                                          LogMelSpectrogram)
-from mmjax.models.encoders.image import LeNet
+from mmjax.models.encoders.image import LeNet, PixelNormalize
 from mmjax.models.encoders.resnet import ResNet
 from mmjax.models.encoders.text import (BagOfEmbeddings, BertEncoder,
                                         TextTransformer)
 from mmjax.models.encoders.video import FrameEncoder
 from mmjax.models.encoders.vit import ViT
+
+FRONTENDS = {**AUDIO_FRONTENDS, "pixels": PixelNormalize}
 
 ENCODERS = {
     "lenet": LeNet,
@@ -39,4 +43,4 @@ ENCODERS = {
 
 __all__ = ["ENCODERS", "FRONTENDS", "AudioSpectrogramTransformer",
            "BagOfEmbeddings", "BertEncoder", "FrameEncoder", "LeNet",
-           "LogMelSpectrogram", "ResNet", "TextTransformer", "ViT"]
+           "LogMelSpectrogram", "PixelNormalize", "ResNet", "TextTransformer", "ViT"]

@@ -115,7 +115,7 @@ class LogMelSpectrogram(nn.Module):
     return log_mel.astype(self.dtype)
 
 
-FRONTENDS = {"logmel": LogMelSpectrogram}
+AUDIO_FRONTENDS = {"logmel": LogMelSpectrogram}
 
 
 class AudioSpectrogramTransformer(nn.Module):

@@ -66,3 +66,28 @@ class LeNet(nn.Module):
                        f"input of at least {2**(self.extra_layers + 1)} pixels "
                        "per side")
     return rearrange(x, "b h w c -> b (h w) c")
+
+
+# CLIP's pixel statistics (Radford et al. 2021; OpenAI's `clip` package and
+# Hugging Face's CLIPImageProcessor), RGB.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PixelNormalize(nn.Module):
+  """The image front end: pixels [B, H, W, C] in [0, 1] (uint8 images as
+  the models receive them, `mmjax.models.multimodal.modality_input`) ->
+  (x - mean) / std per channel, float32 (CLIP's and ImageNet models'
+  preprocessing; SigLIP's is mean = std = 0.5, i.e. [-1, 1]).
+
+  Attributes:
+    mean, std: per-channel statistics of pixels scaled to [0, 1] (default
+      CLIP's).
+  """
+  mean: tuple[float, ...] = CLIP_MEAN
+  std: tuple[float, ...] = CLIP_STD
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = jnp.asarray(x, jnp.float32)
+    return ((x - jnp.asarray(self.mean, jnp.float32))
+            / jnp.asarray(self.std, jnp.float32))

@@ -1,0 +1,415 @@
+"""Pretrained CLIP towers, converted without torch.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language
+Supervision", ICML 2021. A CLIP is a `ContrastiveModel` whose image tower is
+a `ViT` (class token, CLIP's `ln_pre` as `pre_norm`, a bias-free patch
+embedding, QuickGELU) and whose text tower is a causal `TextTransformer`
+read at the end token; both projections are bias-free ("linear") and the
+learned temperature is the model's `log_scale`. Two checkpoint formats load:
+
+  Hugging Face `CLIPModel`: a directory with config.json (model_type "clip")
+    and model.safetensors (or its shards), tokenizer.json for the tokenizer.
+  open_clip: a directory with open_clip_config.json ({"model_cfg": ...}, as
+    open_clip's Hugging Face Hub exports write it) and
+    open_clip_model.safetensors.
+
+`clip_config(directory)` gives the mmjax model configuration (encoder
+specs, projections, embed_dim, image size), to put in `config.model`;
+`load_clip(directory)` the parameters of the whole `ContrastiveModel` tree
+({"tower_image": ..., "tower_text": ..., "log_scale": ...}), of which
+`config.model.init` entries "clip:DIR" take the subtree at their path:
+
+  config.model.update(clip.clip_config(DIR)["model"])
+  config.model.init = {"tower_image": "clip:DIR", "tower_text": "clip:DIR",
+                       "log_scale": "clip:DIR"}
+  config.text.tokenizer = "clip:DIR"        # tokenizer.json (HF format)
+
+Mapping (Hugging Face names; open_clip's are renamed to these first):
+
+  vision_model.embeddings.patch_embedding [D, C, p, p]   image encoder
+      embedding/kernel [p, p, C, D]; class_embedding [D] cls [1, 1, D];
+      position_embedding [N + 1, D] pos_embedding [1, N + 1, D]
+  vision_model.pre_layrnorm, post_layernorm     norm_pre, encoder_norm
+  *.encoder.layers.<i>.layer_norm1, layer_norm2  block_<i> / layer_<i>
+      norm_attention, norm_mlp
+  *.self_attn.{q,k,v}_proj [D, D]              attention/{query,key,value}
+      kernel [D, H, D/H], bias [H, D/H]; out_proj -> out [H, D/H, D]
+  *.mlp.fc1, fc2                                mlp/dense_0, dense_1
+  text_model.embeddings.token_embedding, position_embedding   text encoder
+      token_embedding/embedding, position_embedding [L, D]
+  text_model.final_layer_norm                   norm_out
+  visual_projection, text_projection [E, D]     tower_*/projection/kernel
+  logit_scale []                                log_scale
+
+What the modules cannot represent is refused with a ValueError naming the
+config key (another activation, open_clip's layer scale, attentional or
+average pooling, a text tower from Hugging Face or timm); a checkpoint
+whose tensors do not fit its config names the first such parameter. Needs
+only `safetensors`; torch is never imported. Parity with `CLIPModel` and
+open_clip is checked in tests/test_clip.py.
+"""
+
+from collections.abc import Mapping
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models.contrastive import ContrastiveModel
+from mmjax.models.convert import (check_fits, load_safetensors, param_shapes,
+                                  split_heads, torch_dense, torch_norm)
+from mmjax.models.encoders.image import CLIP_MEAN, CLIP_STD, PixelNormalize
+from mmjax.models.encoders.text import TextTransformer
+from mmjax.models.encoders.vit import ViT
+
+# Hugging Face hidden_act -> mmjax.models.layers.ACTIVATIONS.
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu",
+                  "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+# CLIPTextConfig's and CLIPVisionConfig's defaults, for config.json files
+# that leave keys out.
+_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512,
+                      intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=8, max_position_embeddings=77,
+                      hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                      eos_token_id=49407)
+_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072,
+                        num_hidden_layers=12, num_attention_heads=12,
+                        num_channels=3, image_size=224, patch_size=32,
+                        hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+HF_FILES = ("config.json", "model")
+OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model")
+
+
+def _activation(name: str, key: str) -> str:
+  if name not in HF_ACTIVATIONS:
+    raise ValueError(f"config.json: {key}={name!r} is not supported "
+                     f"(known: {', '.join(HF_ACTIVATIONS)})")
+  return HF_ACTIVATIONS[name]
+
+
+def hf_clip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The mmjax model configuration of a Hugging Face CLIP config.json.
+
+  Returns:
+    {"model": {"encoders": {"image": ViT spec with a "pixels" front end,
+    "text": TextTransformer spec}, "projections": both "linear",
+    "embed_dim": projection_dim}, "image_size": the ViT's input side,
+    "max_length": the text context}.
+
+  Raises:
+    ValueError: naming the config key the modules cannot represent.
+  """
+  if hf_config.get("model_type") != "clip":
+    raise ValueError(f"config.json: model_type "
+                     f"{hf_config.get('model_type')!r} is not 'clip'")
+  text = {**_TEXT_DEFAULTS, **hf_config.get("text_config", {})}
+  vision = {**_VISION_DEFAULTS, **hf_config.get("vision_config", {})}
+  if vision["num_channels"] != 3:
+    raise ValueError("config.json: vision_config.num_channels="
+                     f"{vision['num_channels']} (the pixel front end is RGB)")
+  eos = text["eos_token_id"]
+  image = dict(
+      name="vit", width=vision["hidden_size"],
+      depth=vision["num_hidden_layers"], mlp_dim=vision["intermediate_size"],
+      num_heads=vision["num_attention_heads"],
+      patch_size=vision["patch_size"], pool="cls", posemb="learn",
+      pre_norm=True, patch_bias=False,
+      activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
+      layer_norm_epsilon=vision["layer_norm_eps"],
+      frontend=dict(name="pixels", mean=list(CLIP_MEAN), std=list(CLIP_STD)))
+  text_spec = dict(
+      name="text_transformer", vocab_size=text["vocab_size"],
+      width=text["hidden_size"], num_layers=text["num_hidden_layers"],
+      num_heads=text["num_attention_heads"],
+      mlp_dim=text["intermediate_size"],
+      max_length=text["max_position_embeddings"], causal=True, pool="eos",
+      # Hugging Face reads the largest id where eos_token_id is the legacy
+      # 2 (OpenAI's checkpoints), else the first eos_token_id.
+      eos_id=None if eos == 2 else eos,
+      activation=_activation(text["hidden_act"], "text_config.hidden_act"),
+      layer_norm_epsilon=text["layer_norm_eps"])
+  return {"model": {"encoders": {"image": image, "text": text_spec},
+                    "projections": {"image": "linear", "text": "linear"},
+                    "embed_dim": hf_config.get("projection_dim", 512)},
+          "image_size": vision["image_size"],
+          "max_length": text["max_position_embeddings"]}
+
+
+# open_clip model_cfg keys whose non-default values the modules lack.
+_OPEN_CLIP_UNSUPPORTED = {
+    "vision_cfg": {"ls_init_value": None, "attentional_pool": False,
+                   "no_ln_pre": False, "pos_embed_type": "learnable",
+                   "final_ln_after_pool": False, "pool_type": "tok",
+                   "timm_model_name": None, "qk_norm": False,
+                   "block_type": None, "act_kwargs": None,
+                   "norm_kwargs": None},
+    "text_cfg": {"ls_init_value": None, "embed_cls": False,
+                 "no_causal_mask": False, "final_ln_after_pool": False,
+                 "pool_type": "argmax", "proj_bias": False,
+                 "proj_type": "linear", "hf_model_name": None,
+                 "qk_norm": False, "block_type": None, "act_kwargs": None,
+                 "norm_kwargs": None},
+}
+
+
+def open_clip_hf_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """An open_clip `model_cfg` (open_clip_config.json) as the Hugging Face
+  CLIP config.json it is equivalent to (open_clip's defaults filled in:
+  head width 64, MLP ratio 4, exact GELU unless quick_gelu, LayerNorm
+  epsilon 1e-5, text read at the largest id).
+
+  Raises:
+    ValueError: naming the model_cfg key the modules cannot represent.
+  """
+  vision = dict(model_cfg.get("vision_cfg", {}))
+  text = dict(model_cfg.get("text_cfg", {}))
+  for part, cfg in (("vision_cfg", vision), ("text_cfg", text)):
+    for key, default in _OPEN_CLIP_UNSUPPORTED[part].items():
+      if key in cfg and cfg[key] != default:
+        raise ValueError(f"open_clip_config.json: model_cfg.{part}.{key}="
+                         f"{cfg[key]!r} is not supported")
+  if not isinstance(vision.get("layers", 12), int):
+    raise ValueError("open_clip_config.json: model_cfg.vision_cfg.layers="
+                     f"{vision['layers']!r} (a ResNet tower) is not supported")
+  if model_cfg.get("custom_text"):
+    raise ValueError("open_clip_config.json: model_cfg.custom_text is not "
+                     "supported")
+  act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+  v_width, t_width = vision.get("width", 768), text.get("width", 512)
+  return {
+      "model_type": "clip", "projection_dim": model_cfg.get("embed_dim", 512),
+      "vision_config": dict(
+          hidden_size=v_width, num_hidden_layers=vision.get("layers", 12),
+          intermediate_size=int(v_width * vision.get("mlp_ratio", 4.0)),
+          num_attention_heads=v_width // vision.get("head_width", 64),
+          image_size=vision.get("image_size", 224),
+          patch_size=vision.get("patch_size", 16), hidden_act=act,
+          layer_norm_eps=1e-5),
+      "text_config": dict(
+          vocab_size=text.get("vocab_size", 49408), hidden_size=t_width,
+          num_hidden_layers=text.get("layers", 12),
+          num_attention_heads=text.get("heads", 8),
+          intermediate_size=int(t_width * text.get("mlp_ratio", 4.0)),
+          max_position_embeddings=text.get("context_length", 77),
+          hidden_act=act, layer_norm_eps=1e-5, eos_token_id=2)}
+
+
+def open_clip_to_hf(state: Mapping[str, Any]) -> dict[str, Any]:
+  """open_clip CLIP tensors renamed (and fused q/k/v split) to `CLIPModel`'s.
+
+  "visual.conv1.weight" -> "vision_model.embeddings.patch_embedding.weight",
+  "transformer.resblocks.<i>.attn.in_proj_weight" [3D, D] -> the text
+  model's q_proj, k_proj and v_proj, "visual.proj" [D, E] ->
+  "visual_projection.weight" [E, D], and so on. Buffers (attn_mask) are
+  dropped; a tensor with no counterpart is kept under its own name, for
+  the fit check to report.
+  """
+  out = {}
+  towers = (("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+            ("transformer.resblocks.", "text_model.encoder.layers."))
+  renames = {
+      "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+      "visual.class_embedding": "vision_model.embeddings.class_embedding",
+      "visual.positional_embedding":
+          "vision_model.embeddings.position_embedding.weight",
+      "visual.ln_pre": "vision_model.pre_layrnorm",
+      "visual.ln_post": "vision_model.post_layernorm",
+      "token_embedding.weight":
+          "text_model.embeddings.token_embedding.weight",
+      "positional_embedding":
+          "text_model.embeddings.position_embedding.weight",
+      "ln_final": "text_model.final_layer_norm",
+      "logit_scale": "logit_scale"}
+  block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2",
+           "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+           "mlp.c_proj": "mlp.fc2"}
+  for name, value in state.items():
+    if name == "attn_mask" or name.endswith(".attn_mask"):
+      continue
+    if name in ("visual.proj", "text_projection"):
+      target = ("visual_projection" if name == "visual.proj"
+                else "text_projection")
+      out[f"{target}.weight"] = np.asarray(value).T
+      continue
+    prefix = next(((o, h) for o, h in towers if name.startswith(o)), None)
+    if prefix is not None:
+      layer, _, rest = name[len(prefix[0]):].partition(".")
+      base = f"{prefix[1]}{layer}."
+      if rest.startswith("attn.in_proj_"):
+        kind = rest[len("attn.in_proj_"):]  # weight or bias
+        for proj, part in zip("qkv", np.split(np.asarray(value), 3, axis=0)):
+          out[f"{base}self_attn.{proj}_proj.{kind}"] = part
+        continue
+      module, _, kind = rest.rpartition(".")
+      out[base + f"{block.get(module, module)}.{kind}"] = value
+      continue
+    module, _, kind = name.rpartition(".")
+    if name in renames:
+      out[renames[name]] = value
+    elif module in renames:
+      out[f"{renames[module]}.{kind}"] = value
+    else:
+      out[name] = value
+  return out
+
+
+def _attention(state, name, num_heads):
+  """CLIP's q/k/v/out_proj Linears as nn.MultiHeadDotProductAttention's."""
+  params = {}
+  for ours, theirs in (("query", "q_proj"), ("key", "k_proj"),
+                       ("value", "v_proj")):
+    dense = torch_dense(state, f"{name}.{theirs}")
+    params[ours] = {
+        "kernel": split_heads(dense["kernel"], num_heads, "d (h k) -> d h k"),
+        "bias": split_heads(dense["bias"], num_heads, "(h k) -> h k")}
+  out = torch_dense(state, f"{name}.out_proj")
+  params["out"] = {"kernel": split_heads(out["kernel"], num_heads,
+                                         "(h k) d -> h k d"),
+                   "bias": out["bias"]}
+  return params
+
+
+def _blocks(state, prefix, count, num_heads, ours):
+  """`count` CLIP encoder layers at `prefix` as {ours<i>: TransformerBlock}."""
+  blocks = {}
+  for i in range(count):
+    layer = f"{prefix}.encoder.layers.{i}"
+    blocks[f"{ours}{i}"] = {
+        "norm_attention": torch_norm(state, f"{layer}.layer_norm1"),
+        "attention": _attention(state, f"{layer}.self_attn", num_heads),
+        "norm_mlp": torch_norm(state, f"{layer}.layer_norm2"),
+        "mlp": {"dense_0": torch_dense(state, f"{layer}.mlp.fc1"),
+                "dense_1": torch_dense(state, f"{layer}.mlp.fc2")}}
+  return blocks
+
+
+def convert_clip(state: Mapping[str, Any], config: Mapping[str, Any],
+                 dtype=np.float32) -> dict[str, Any]:
+  """`CLIPModel` tensors -> the `ContrastiveModel` parameter tree.
+
+  Args:
+    state: name -> array, Hugging Face names (module docstring).
+    config: `hf_clip_config(...)`.
+    dtype: dtype of the returned numpy arrays.
+
+  Raises:
+    ValueError: a tensor the model needs is missing, or one is left over.
+  """
+  state = {k: np.asarray(v, dtype) for k, v in state.items()
+           if not k.endswith("position_ids")}
+  used = set()
+
+  class Tracking(dict):
+    def __getitem__(self, name):
+      if name not in self:
+        raise ValueError(f"checkpoint lacks tensor {name!r}")
+      used.add(name)
+      return super().__getitem__(name)
+
+  state = Tracking(state)
+  image, text = (config["model"]["encoders"][m] for m in ("image", "text"))
+  embeddings = "vision_model.embeddings"
+  width = image["width"]
+  vit = {
+      "embedding": {"kernel": np.transpose(
+          state[f"{embeddings}.patch_embedding.weight"], (2, 3, 1, 0))},
+      "cls": state[f"{embeddings}.class_embedding"].reshape(1, 1, width),
+      "pos_embedding": state[f"{embeddings}.position_embedding.weight"][None],
+      "norm_pre": torch_norm(state, "vision_model.pre_layrnorm"),
+      **_blocks(state, "vision_model", image["depth"], image["num_heads"],
+                "block_"),
+      "encoder_norm": torch_norm(state, "vision_model.post_layernorm")}
+  transformer = {
+      "token_embedding": {"embedding": state[
+          "text_model.embeddings.token_embedding.weight"]},
+      "position_embedding": state[
+          "text_model.embeddings.position_embedding.weight"],
+      **_blocks(state, "text_model", text["num_layers"], text["num_heads"],
+                "layer_"),
+      "norm_out": torch_norm(state, "text_model.final_layer_norm")}
+  params = {
+      "log_scale": state["logit_scale"].reshape(()),
+      "tower_image": {"encoder": vit, "projection": torch_dense(
+          state, "visual_projection", bias=False)},
+      "tower_text": {"encoder": transformer, "projection": torch_dense(
+          state, "text_projection", bias=False)}}
+  left_over = [k for k in state if k not in used]
+  if left_over:
+    raise ValueError(f"checkpoint tensor {left_over[0]!r} has no place in "
+                     "the CLIP model of its config (more layers than "
+                     "num_hidden_layers?)")
+  return params
+
+
+def build_clip(config: Mapping[str, Any]) -> ContrastiveModel:
+  """The `ContrastiveModel` of `hf_clip_config(...)` (float32), whose
+  parameter tree `convert_clip` fills (all but the sigmoid bias)."""
+  model = config["model"]
+  specs = {m: dict(s) for m, s in model["encoders"].items()}
+  frontend = specs["image"].pop("frontend")
+  encoders = {"image": ViT(**{k: v for k, v in specs["image"].items()
+                              if k != "name"}),
+              "text": TextTransformer(**{k: v for k, v in specs["text"].items()
+                                         if k != "name"})}
+  return ContrastiveModel(
+      modalities=("image", "text"), encoders=encoders,
+      frontends={"image": PixelNormalize(tuple(frontend["mean"]),
+                                         tuple(frontend["std"]))},
+      embed_dim=model["embed_dim"], objective="softmax",
+      projections=dict(model["projections"]))
+
+
+def _format(directory: pathlib.Path) -> tuple[str, str]:
+  for files in (HF_FILES, OPEN_CLIP_FILES):
+    if (directory / files[0]).is_file():
+      return files
+  raise FileNotFoundError(
+      f"{directory} is not a CLIP checkpoint: it has neither config.json "
+      "(Hugging Face CLIPModel) nor open_clip_config.json (open_clip)")
+
+
+def clip_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """The mmjax configuration of the CLIP checkpoint in `directory`
+  (`hf_clip_config`), from its config.json or open_clip_config.json."""
+  directory = pathlib.Path(directory)
+  config_name, _ = _format(directory)
+  raw = json.loads((directory / config_name).read_text())
+  if config_name == OPEN_CLIP_FILES[0]:
+    raw = open_clip_hf_config(raw.get("model_cfg", raw))
+  return hf_clip_config(raw)
+
+
+def load_clip(directory: str | os.PathLike,
+              dtype=np.float32) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads a CLIP checkpoint directory (either format) without torch.
+
+  Returns:
+    (config, params): `clip_config(directory)` and the ContrastiveModel
+    parameters ("log_scale", "tower_image", "tower_text") as numpy arrays.
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ValueError: naming the config key the modules cannot represent, or the
+      first parameter that does not fit the config.
+  """
+  directory = pathlib.Path(directory)
+  config = clip_config(directory)
+  _, stem = _format(directory)
+  state = load_safetensors(directory, stem)
+  if stem == OPEN_CLIP_FILES[1]:
+    state = open_clip_to_hf(state)
+  params = convert_clip(state, config, dtype)
+  side, length = config["image_size"], config["max_length"]
+  expected = param_shapes(
+      build_clip(config),
+      {"image": jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32),
+       "text": jax.ShapeDtypeStruct((1, length), jnp.int32)})
+  expected.pop("bias")  # the sigmoid loss's; CLIP has none
+  check_fits(params, expected, f"the CLIP model of {directory}")
+  return config, params
