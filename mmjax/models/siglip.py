@@ -1,0 +1,292 @@
+"""Pretrained SigLIP towers, converted without torch.
+
+Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023. A
+SigLIP is a `ContrastiveModel` (objective "sigmoid") whose image tower is a
+`ViT` with a learned position embedding of the patches (no class token), a
+patch embedding with bias, tanh-approximated GELU and multihead attention
+pooling (`MAPHead`, pool "map") after the final LayerNorm, with no
+projection ("none": the head's output is the embedding); its text tower is
+a bidirectional `TextTransformer` read at the last position (pool "last")
+whose projection is a Dense with bias. The learned logit scale and bias are
+the model's `log_scale` and `bias`.
+
+Format: Hugging Face `SiglipModel`, a directory with config.json
+(model_type "siglip") and model.safetensors (or its shards).
+
+`siglip_config(directory)` gives the mmjax model configuration (to put in
+`config.model`); `load_siglip(directory)` the whole `ContrastiveModel`
+tree ({"tower_image", "tower_text", "log_scale", "bias"}), of which
+`config.model.init` entries "siglip:DIR" take the subtree at their path.
+
+Mapping (Hugging Face names):
+
+  vision_model.embeddings.patch_embedding [D, C, p, p] (+ bias)   image
+      encoder embedding/{kernel [p, p, C, D], bias};
+      position_embedding [N, D] pos_embedding [1, N, D]
+  *.encoder.layers.<i>.layer_norm1, layer_norm2  block_<i> / layer_<i>
+      norm_attention, norm_mlp
+  *.self_attn.{q,k,v}_proj, out_proj             attention/{query,key,
+      value,out} (heads split as in mmjax.models.clip)
+  *.mlp.fc1, fc2                                 mlp/dense_0, dense_1
+  vision_model.post_layernorm                    encoder_norm
+  vision_model.head.probe [1, 1, D]              map_head/probe
+  vision_model.head.attention.in_proj_{weight [3D, D], bias [3D]}
+      map_head/attention/{query,key,value}; .out_proj -> .../out
+  vision_model.head.layernorm, mlp.fc1, mlp.fc2  map_head/norm, mlp/dense_*
+  text_model.embeddings.token_embedding, position_embedding   text encoder
+      token_embedding/embedding, position_embedding [L, D]
+  text_model.final_layer_norm                    norm_out
+  text_model.head [E, D] (+ bias)                tower_text/projection
+  logit_scale [1], logit_bias [1]                log_scale, bias
+
+The image embedding is the MAP head's output, of the vision width, so the
+text head's projection_size must equal the vision hidden_size (as in every
+released SigLIP). What the modules cannot represent is refused with a
+ValueError naming the config key (another activation, vision_use_head
+false, a non-square image, other channel counts); a checkpoint whose
+tensors do not fit its config names the first such parameter. Needs only
+`safetensors`; torch is never imported. Parity with `SiglipModel` is
+checked in tests/test_siglip.py.
+"""
+
+from collections.abc import Mapping
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models.clip import HF_ACTIVATIONS, _blocks
+from mmjax.models.contrastive import ContrastiveModel
+from mmjax.models.convert import (check_fits, load_safetensors, param_shapes,
+                                  split_heads, torch_dense, torch_norm)
+from mmjax.models.encoders.image import PixelNormalize
+from mmjax.models.encoders.text import TextTransformer
+from mmjax.models.encoders.vit import ViT
+
+# SigLIP's image normalisation: [0, 1] -> [-1, 1].
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+# SiglipTextConfig's and SiglipVisionConfig's defaults, for config.json
+# files that leave keys out.
+_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768,
+                      intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, max_position_embeddings=64,
+                      hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                      projection_size=None)
+_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072,
+                        num_hidden_layers=12, num_attention_heads=12,
+                        num_channels=3, image_size=224, patch_size=16,
+                        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                        vision_use_head=True)
+
+
+def _activation(name: str, key: str) -> str:
+  if name not in HF_ACTIVATIONS:
+    raise ValueError(f"config.json: {key}={name!r} is not supported "
+                     f"(known: {', '.join(HF_ACTIVATIONS)})")
+  return HF_ACTIVATIONS[name]
+
+
+def _side(value, key: str) -> int:
+  """An int, or a square [h, w] pair, as one int; ValueError otherwise."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise ValueError(f"config.json: {key}={value!r} is not supported "
+                       "(square only)")
+    value = value[0]
+  return int(value)
+
+
+def hf_siglip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The mmjax model configuration of a Hugging Face SigLIP config.json.
+
+  Returns:
+    {"model": {"encoders": {"image": ViT spec (pool "map") with a "pixels"
+    front end (mean = std = 0.5), "text": TextTransformer spec (causal
+    False, pool "last")}, "projections": {"image": "none", "text":
+    "dense"}, "embed_dim": the vision width, "objective": "sigmoid"},
+    "image_size": the ViT's input side, "max_length": the text context}.
+
+  Raises:
+    ValueError: naming the config key the modules cannot represent.
+  """
+  if hf_config.get("model_type") != "siglip":
+    raise ValueError(f"config.json: model_type "
+                     f"{hf_config.get('model_type')!r} is not 'siglip'")
+  text = {**_TEXT_DEFAULTS, **hf_config.get("text_config", {})}
+  vision = {**_VISION_DEFAULTS, **hf_config.get("vision_config", {})}
+  if vision["num_channels"] != 3:
+    raise ValueError("config.json: vision_config.num_channels="
+                     f"{vision['num_channels']} (the pixel front end is RGB)")
+  if not vision["vision_use_head"]:
+    raise ValueError("config.json: vision_config.vision_use_head=False is "
+                     "not supported (SiglipModel's image embedding is the "
+                     "attention-pooling head's)")
+  width = vision["hidden_size"]
+  projection = text["projection_size"] or text["hidden_size"]
+  if projection != width:
+    raise ValueError(f"config.json: text_config.projection_size={projection}"
+                     f" is not supported: the image embedding has the vision "
+                     f"hidden_size {width}")
+  image = dict(
+      name="vit", width=width, depth=vision["num_hidden_layers"],
+      mlp_dim=vision["intermediate_size"],
+      num_heads=vision["num_attention_heads"],
+      patch_size=_side(vision["patch_size"], "vision_config.patch_size"),
+      pool="map", posemb="learn", pre_norm=False, patch_bias=True,
+      activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
+      layer_norm_epsilon=vision["layer_norm_eps"],
+      frontend=dict(name="pixels", mean=list(SIGLIP_MEAN),
+                    std=list(SIGLIP_STD)))
+  text_spec = dict(
+      name="text_transformer", vocab_size=text["vocab_size"],
+      width=text["hidden_size"], num_layers=text["num_hidden_layers"],
+      num_heads=text["num_attention_heads"],
+      mlp_dim=text["intermediate_size"],
+      max_length=text["max_position_embeddings"], causal=False, pool="last",
+      activation=_activation(text["hidden_act"], "text_config.hidden_act"),
+      layer_norm_epsilon=text["layer_norm_eps"])
+  return {"model": {"encoders": {"image": image, "text": text_spec},
+                    "projections": {"image": "none", "text": "dense"},
+                    "embed_dim": width, "objective": "sigmoid"},
+          "image_size": _side(vision["image_size"], "vision_config.image_size"),
+          "max_length": text["max_position_embeddings"]}
+
+
+def _fused_attention(state, name, num_heads):
+  """torch nn.MultiheadAttention `name` (in_proj_weight [3D, D],
+  in_proj_bias [3D], out_proj) as nn.MultiHeadDotProductAttention's."""
+  weights = np.split(state[f"{name}.in_proj_weight"], 3, axis=0)
+  biases = np.split(state[f"{name}.in_proj_bias"], 3, axis=0)
+  params = {}
+  for ours, weight, bias in zip(("query", "key", "value"), weights, biases):
+    params[ours] = {
+        "kernel": split_heads(weight.T, num_heads, "d (h k) -> d h k"),
+        "bias": split_heads(bias, num_heads, "(h k) -> h k")}
+  out = torch_dense(state, f"{name}.out_proj")
+  params["out"] = {"kernel": split_heads(out["kernel"], num_heads,
+                                         "(h k) d -> h k d"),
+                   "bias": out["bias"]}
+  return params
+
+
+def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],
+                   dtype=np.float32) -> dict[str, Any]:
+  """`SiglipModel` tensors -> the `ContrastiveModel` parameter tree.
+
+  Args:
+    state: name -> array, Hugging Face names (module docstring).
+    config: `hf_siglip_config(...)`.
+    dtype: dtype of the returned numpy arrays.
+
+  Raises:
+    ValueError: a tensor the model needs is missing, or one is left over.
+  """
+  state = {k: np.asarray(v, dtype) for k, v in state.items()
+           if not k.endswith("position_ids")}
+  used = set()
+
+  class Tracking(dict):
+    def __getitem__(self, name):
+      if name not in self:
+        raise ValueError(f"checkpoint lacks tensor {name!r}")
+      used.add(name)
+      return super().__getitem__(name)
+
+  state = Tracking(state)
+  image, text = (config["model"]["encoders"][m] for m in ("image", "text"))
+  embeddings = "vision_model.embeddings"
+  heads = image["num_heads"]
+  head = "vision_model.head"
+  vit = {
+      "embedding": {
+          "kernel": np.transpose(
+              state[f"{embeddings}.patch_embedding.weight"], (2, 3, 1, 0)),
+          "bias": state[f"{embeddings}.patch_embedding.bias"]},
+      "pos_embedding": state[f"{embeddings}.position_embedding.weight"][None],
+      **_blocks(state, "vision_model", image["depth"], heads, "block_"),
+      "encoder_norm": torch_norm(state, "vision_model.post_layernorm"),
+      "map_head": {
+          "probe": state[f"{head}.probe"],
+          "attention": _fused_attention(state, f"{head}.attention", heads),
+          "norm": torch_norm(state, f"{head}.layernorm"),
+          "mlp": {"dense_0": torch_dense(state, f"{head}.mlp.fc1"),
+                  "dense_1": torch_dense(state, f"{head}.mlp.fc2")}}}
+  transformer = {
+      "token_embedding": {"embedding": state[
+          "text_model.embeddings.token_embedding.weight"]},
+      "position_embedding": state[
+          "text_model.embeddings.position_embedding.weight"],
+      **_blocks(state, "text_model", text["num_layers"], text["num_heads"],
+                "layer_"),
+      "norm_out": torch_norm(state, "text_model.final_layer_norm")}
+  params = {
+      "log_scale": state["logit_scale"].reshape(()),
+      "bias": state["logit_bias"].reshape(()),
+      "tower_image": {"encoder": vit},
+      "tower_text": {"encoder": transformer,
+                     "projection": torch_dense(state, "text_model.head")}}
+  left_over = [k for k in state if k not in used]
+  if left_over:
+    raise ValueError(f"checkpoint tensor {left_over[0]!r} has no place in "
+                     "the SigLIP model of its config (more layers than "
+                     "num_hidden_layers?)")
+  return params
+
+
+def build_siglip(config: Mapping[str, Any]) -> ContrastiveModel:
+  """The `ContrastiveModel` of `hf_siglip_config(...)` (float32), whose
+  parameter tree `convert_siglip` fills."""
+  model = config["model"]
+  specs = {m: dict(s) for m, s in model["encoders"].items()}
+  frontend = specs["image"].pop("frontend")
+  encoders = {"image": ViT(**{k: v for k, v in specs["image"].items()
+                              if k != "name"}),
+              "text": TextTransformer(**{k: v for k, v in specs["text"].items()
+                                         if k != "name"})}
+  return ContrastiveModel(
+      modalities=("image", "text"), encoders=encoders,
+      frontends={"image": PixelNormalize(tuple(frontend["mean"]),
+                                         tuple(frontend["std"]))},
+      embed_dim=model["embed_dim"], objective=model["objective"],
+      projections=dict(model["projections"]))
+
+
+def siglip_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """The mmjax configuration of the SigLIP checkpoint in `directory`
+  (`hf_siglip_config` of its config.json)."""
+  path = pathlib.Path(directory) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} is not a SigLIP checkpoint: it has "
+                            "no config.json (Hugging Face SiglipModel)")
+  return hf_siglip_config(json.loads(path.read_text()))
+
+
+def load_siglip(directory: str | os.PathLike,
+                dtype=np.float32) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads a Hugging Face SigLIP checkpoint directory without torch.
+
+  Returns:
+    (config, params): `siglip_config(directory)` and the ContrastiveModel
+    parameters ("log_scale", "bias", "tower_image", "tower_text") as numpy
+    arrays.
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ValueError: naming the config key the modules cannot represent, or the
+      first parameter that does not fit the config.
+  """
+  directory = pathlib.Path(directory)
+  config = siglip_config(directory)
+  params = convert_siglip(load_safetensors(directory), config, dtype)
+  side, length = config["image_size"], config["max_length"]
+  expected = param_shapes(
+      build_siglip(config),
+      {"image": jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32),
+       "text": jax.ShapeDtypeStruct((1, length), jnp.int32)})
+  check_fits(params, expected, f"the SigLIP model of {directory}")
+  return config, params

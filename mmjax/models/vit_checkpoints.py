@@ -1,0 +1,249 @@
+"""ViT-only checkpoints into a `ViT` encoder subtree, without torch.
+
+Format: timm `VisionTransformer` safetensors (a timm Hugging Face Hub
+directory: model.safetensors and config.json with "architecture" and
+"model_args"; or a bare .safetensors file). `load_timm_vit(path)` returns
+(ViT keyword arguments, parameters) for `ViT(**kwargs)` with pool "cls":
+timm's forward_features(x)[:, 0] (the class token after the final norm)
+is the ViT's output [B, 1, D]. The input is normalised by the caller
+(timm's pretrained_cfg mean and std, see `timm_preprocessing`).
+
+Mapping (timm names -> ViT parameters):
+
+  patch_embed.proj.weight [D, C, p, p] (+ bias)   embedding/{kernel
+      [p, p, C, D], bias}
+  cls_token [1, 1, D]                             cls
+  pos_embed [1, N + 1, D]                         pos_embedding
+  norm_pre                                        norm_pre (pre_norm=True)
+  blocks.<i>.norm1, norm2                         block_<i>/norm_attention,
+      norm_mlp
+  blocks.<i>.attn.qkv [3D, D] (+ bias [3D])       block_<i>/attention/
+      {query,key,value} (heads split); a missing qkv bias (qkv_bias=False)
+      becomes zeros, which computes the same
+  blocks.<i>.attn.proj                            block_<i>/attention/out
+  blocks.<i>.mlp.fc1, fc2                         block_<i>/mlp/dense_0, 1
+  norm                                            encoder_norm
+  head.*                                          dropped (the classifier
+      is not part of the encoder)
+
+The architecture comes from the tensors' shapes (width, depth, patch,
+mlp_dim, image size) and, for what shapes do not tell, config.json's
+model_args (num_heads) or the architecture name (num_heads of the
+tiny/small/base/large/huge/giant sizes; LayerNorm epsilon 1e-5 for timm's
+CLIP towers "*_clip_*", else timm's 1e-6; QuickGELU for "*quickgelu*"),
+overridable by arguments. What `ViT` cannot represent is refused with a
+ValueError naming the model_args key or the tensor (global pools other
+than "token", no class token, register tokens, layer scale, q/k norms,
+fc_norm, position embeddings without the class token's).
+"""
+
+from collections.abc import Mapping
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models.convert import (check_fits, load_safetensors, param_shapes,
+                                  split_heads, torch_dense, torch_norm)
+from mmjax.models.encoders.vit import ViT
+
+# timm size names -> num_heads (timm's vision_transformer.py model defs).
+TIMM_NUM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12,
+                  "large": 16, "huge": 16, "giant": 16, "gigantic": 16}
+
+# timm VisionTransformer model_args whose other values ViT lacks.
+_TIMM_UNSUPPORTED = {
+    "global_pool": "token", "class_token": True, "no_embed_class": False,
+    "reg_tokens": 0, "init_values": None, "qk_norm": False,
+    "scale_attn_norm": False, "scale_mlp_norm": False, "fc_norm": None,
+    "final_norm": True, "pos_embed": "learn", "in_chans": 3,
+    "dynamic_img_size": False, "embed_norm_layer": None,
+    "pool_include_prefix": False, "proj_bias": True}
+
+# Tensor name patterns of timm features ViT lacks.
+_TIMM_UNSUPPORTED_TENSORS = (
+    (r"reg_token", "register tokens"), (r"\.ls[12]\.", "layer scale"),
+    (r"\.(q|k)_norm\.", "q/k norms"), (r"^fc_norm\.", "fc_norm"),
+    (r"^attn_pool\.", "attention pooling (global_pool='map')"),
+    (r"\.norm\.(weight|bias)$", "norms inside attention or the MLP"),
+    (r"^patch_embed\.norm\.", "a patch embedding norm"))
+
+
+def _files(path: pathlib.Path) -> tuple[pathlib.Path, str, dict[str, Any]]:
+  """(directory, safetensors stem, config.json or {}) of a timm path."""
+  if path.is_file():
+    directory, stem = path.parent, path.name.removesuffix(".safetensors")
+    config_path = directory / "config.json"
+  else:
+    directory, stem, config_path = path, "model", path / "config.json"
+  config = json.loads(config_path.read_text()) if config_path.is_file() \
+      else {}
+  return directory, stem, config
+
+
+def timm_preprocessing(path: str | os.PathLike) -> dict[str, Any]:
+  """{"mean", "std", "image_size"} of config.json's pretrained_cfg (mean and
+  std for a PixelNormalize front end; timm's ImageNet defaults and 224
+  where config.json or the keys are absent; image_size from input_size,
+  else model_args.img_size)."""
+  _, _, config = _files(pathlib.Path(path))
+  pretrained = config.get("pretrained_cfg", {})
+  side = pretrained.get("input_size", [None])[-1] or config.get(
+      "model_args", {}).get("img_size", 224)
+  if isinstance(side, (list, tuple)):
+    side = side[-1]
+  return {"mean": list(pretrained.get("mean", (0.485, 0.456, 0.406))),
+          "std": list(pretrained.get("std", (0.229, 0.224, 0.225))),
+          "image_size": int(side)}
+
+
+def convert_timm_vit(state: Mapping[str, Any], config: Mapping[str, Any],
+                     num_heads: int | None = None,
+                     layer_norm_epsilon: float | None = None,
+                     dtype=np.float32) -> tuple[dict[str, Any],
+                                                dict[str, Any]]:
+  """timm VisionTransformer tensors (+ its config.json) -> (ViT kwargs,
+  parameters); see the module docstring. ValueError for what ViT cannot
+  represent or a missing tensor. The checkpoint's image side is
+  `patch_size * sqrt(pos_embedding.shape[1] - 1)`."""
+  model_args = dict(config.get("model_args", {}))
+  if "global_pool" in config:
+    model_args.setdefault("global_pool", config["global_pool"])
+  for key, default in _TIMM_UNSUPPORTED.items():
+    if key in model_args and model_args[key] != default:
+      if key == "global_pool" and model_args[key] in ("", None):
+        continue  # the same features; the pool is the caller's
+      raise ValueError(f"timm config.json: model_args.{key}="
+                       f"{model_args[key]!r} is not supported")
+  for pattern, what in _TIMM_UNSUPPORTED_TENSORS:
+    found = next((k for k in state if re.search(pattern, k)), None)
+    if found:
+      raise ValueError(f"timm checkpoint tensor {found!r}: {what} are not "
+                       "supported")
+  state = {k: np.asarray(v, dtype) for k, v in state.items()
+           if not k.startswith("head.")}
+  for name in ("patch_embed.proj.weight", "cls_token", "pos_embed",
+               "norm.weight"):
+    if name not in state:
+      raise ValueError(f"timm checkpoint lacks tensor {name!r}"
+                       + (" (class_token=False is not supported)"
+                          if name == "cls_token" else ""))
+  arch = str(config.get("architecture", ""))
+  if num_heads is None:
+    num_heads = model_args.get("num_heads")
+  if num_heads is None:
+    size = next((s for s in re.split(r"[_\d]+", arch) if s in TIMM_NUM_HEADS),
+                None)
+    if size is None:
+      raise ValueError("timm checkpoint: num_heads is not in config.json's "
+                       f"model_args nor known for architecture {arch!r}; "
+                       "pass num_heads")
+    num_heads = TIMM_NUM_HEADS[size]
+  if layer_norm_epsilon is None:
+    layer_norm_epsilon = 1e-5 if "_clip_" in arch else 1e-6
+  patch = state["patch_embed.proj.weight"]
+  width, channels, p, q = patch.shape
+  if p != q or channels != 3:
+    raise ValueError(f"timm checkpoint: patch_embed.proj.weight "
+                     f"{patch.shape} (square RGB patches only)")
+  depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+  tokens = state["pos_embed"].shape[1] - 1
+  grid = int(round(tokens**0.5))
+  if grid * grid != tokens:
+    raise ValueError(f"timm checkpoint: pos_embed {state['pos_embed'].shape}"
+                     " is not a square grid plus the class token "
+                     "(no_embed_class is not supported)")
+  kwargs = dict(width=width, depth=depth,
+                mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0]
+                if depth else 4 * width,
+                num_heads=num_heads, patch_size=p, pool="cls",
+                posemb="learn", pre_norm="norm_pre.weight" in state,
+                patch_bias="patch_embed.proj.bias" in state,
+                activation="quick_gelu" if "quickgelu" in arch else "gelu",
+                layer_norm_epsilon=layer_norm_epsilon)
+  used = set()
+
+  class Tracking(dict):
+    def __getitem__(self, name):
+      if name not in self:
+        raise ValueError(f"timm checkpoint lacks tensor {name!r}")
+      used.add(name)
+      return super().__getitem__(name)
+
+  state = Tracking(state)
+  embedding = {"kernel": np.transpose(state["patch_embed.proj.weight"],
+                                      (2, 3, 1, 0))}
+  if kwargs["patch_bias"]:
+    embedding["bias"] = state["patch_embed.proj.bias"]
+  params = {"embedding": embedding, "cls": state["cls_token"],
+            "pos_embedding": state["pos_embed"]}
+  if kwargs["pre_norm"]:
+    params["norm_pre"] = torch_norm(state, "norm_pre")
+  for i in range(depth):
+    block = f"blocks.{i}"
+    qkv = state[f"{block}.attn.qkv.weight"]
+    bias = (state[f"{block}.attn.qkv.bias"]
+            if f"{block}.attn.qkv.bias" in state
+            else np.zeros(qkv.shape[:1], dtype))
+    attention = {}
+    for ours, w, b in zip(("query", "key", "value"), np.split(qkv, 3),
+                          np.split(bias, 3)):
+      attention[ours] = {
+          "kernel": split_heads(w.T, num_heads, "d (h k) -> d h k"),
+          "bias": split_heads(b, num_heads, "(h k) -> h k")}
+    out = torch_dense(state, f"{block}.attn.proj")
+    attention["out"] = {"kernel": split_heads(out["kernel"], num_heads,
+                                              "(h k) d -> h k d"),
+                        "bias": out["bias"]}
+    params[f"block_{i}"] = {
+        "norm_attention": torch_norm(state, f"{block}.norm1"),
+        "attention": attention,
+        "norm_mlp": torch_norm(state, f"{block}.norm2"),
+        "mlp": {"dense_0": torch_dense(state, f"{block}.mlp.fc1"),
+                "dense_1": torch_dense(state, f"{block}.mlp.fc2")}}
+  params["encoder_norm"] = torch_norm(state, "norm")
+  left_over = [k for k in state if k not in used]
+  if left_over:
+    raise ValueError(f"timm checkpoint tensor {left_over[0]!r} has no place "
+                     "in the ViT")
+  return kwargs, params
+
+
+def load_timm_vit(path: str | os.PathLike, num_heads: int | None = None,
+                  layer_norm_epsilon: float | None = None,
+                  dtype=np.float32) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads a timm ViT (a directory with model.safetensors, or a
+  .safetensors file; config.json beside it if any) without torch.
+
+  Args:
+    path: the directory or file.
+    num_heads, layer_norm_epsilon: override what config.json and the
+      architecture name give (module docstring).
+    dtype: of the returned arrays.
+
+  Returns:
+    (kwargs, params): `ViT(**kwargs)` keyword arguments (pool "cls") and its
+    parameter tree as numpy arrays.
+
+  Raises:
+    FileNotFoundError: no safetensors file.
+    ValueError: naming what ViT cannot represent, or the first parameter
+      that does not fit.
+  """
+  path = pathlib.Path(path)
+  directory, stem, config = _files(path)
+  state = load_safetensors(directory, stem)
+  kwargs, params = convert_timm_vit(state, config, num_heads,
+                                    layer_norm_epsilon, dtype)
+  side = kwargs["patch_size"] * int(round(
+      (np.shape(params["pos_embedding"])[1] - 1)**0.5))
+  expected = param_shapes(ViT(**kwargs),
+                          jax.ShapeDtypeStruct((1, side, side, 3),
+                                               jnp.float32), train=False)
+  check_fits(params, expected, f"the ViT of {path}")
+  return kwargs, params

@@ -1,0 +1,98 @@
+"""SigLIP checkpoints (mmjax.models.siglip) against transformers.
+
+The fixture tests/data/siglip_tiny_hf was written by transformers'
+SiglipModel (tests/data/make_siglip_fixtures.py) with its embeddings, so
+the parity check runs without torch.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from mmjax.models import siglip
+
+FIXTURE = pathlib.Path(__file__).parent / "data" / "siglip_tiny_hf"
+
+
+def parity(got, want):
+  """(max abs difference, min cosine) of rows."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  cosine = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1)
+                                     * np.linalg.norm(want, axis=-1))
+  return np.abs(got - want).max(), cosine.min()
+
+
+def test_embeddings_match_siglipmodel():
+  ref = np.load(FIXTURE / "reference.npz")
+  config, params = siglip.load_siglip(FIXTURE)
+  out = siglip.build_siglip(config).apply(
+      {"params": params}, {"image": ref["pixels"], "text": ref["ids"]})
+  for modality in ("image", "text"):
+    diff, cosine = parity(out[f"embedding/{modality}"],
+                          ref[f"{modality}_embeds"])
+    assert diff < 1e-5 and cosine > 1 - 1e-6, (modality, diff, cosine)
+  np.testing.assert_allclose(out["log_scale"], ref["logit_scale"])
+  np.testing.assert_allclose(out["bias"], ref["logit_bias"])
+
+
+def test_config_describes_the_checkpoint():
+  config = siglip.siglip_config(FIXTURE)
+  model = config["model"]
+  image, text = (model["encoders"][m] for m in ("image", "text"))
+  assert config["image_size"] == 64 and config["max_length"] == 16
+  assert (image["pool"], image["patch_bias"], image["pre_norm"]) == (
+      "map", True, False)
+  assert image["activation"] == text["activation"] == "gelu_tanh"
+  assert (text["causal"], text["pool"]) == (False, "last")
+  assert model["projections"] == {"image": "none", "text": "dense"}
+  assert model["objective"] == "sigmoid" and model["embed_dim"] == 32
+  assert image["frontend"]["mean"] == image["frontend"]["std"] == [0.5] * 3
+
+
+def copy_fixture(tmp_path):
+  directory = tmp_path / "siglip"
+  shutil.copytree(FIXTURE, directory)
+  return directory
+
+
+def edit_config(directory, edit):
+  raw = json.loads((directory / "config.json").read_text())
+  edit(raw)
+  (directory / "config.json").write_text(json.dumps(raw))
+
+
+def test_checkpoint_that_does_not_fit_names_the_first_parameter(tmp_path):
+  directory = copy_fixture(tmp_path)
+  edit_config(directory,
+              lambda c: c["vision_config"].update(intermediate_size=48))
+  with pytest.raises(ValueError, match=r"tower_image/encoder/block_0/mlp/"
+                     r"dense_0/kernel: expected shape \(32, 48\), got "
+                     r"\(32, 64\)"):
+    siglip.load_siglip(directory)
+  edit_config(directory, lambda c: c["vision_config"].update(
+      intermediate_size=64, num_hidden_layers=1))
+  with pytest.raises(ValueError, match="vision_model.encoder.layers.1"):
+    siglip.load_siglip(directory)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("text_config", {"hidden_act": "relu"},
+     "text_config.hidden_act='relu' is not supported"),
+    ("vision_config", {"vision_use_head": False},
+     "vision_config.vision_use_head=False is not supported"),
+    ("text_config", {"projection_size": 16},
+     "text_config.projection_size=16 is not supported"),
+])
+def test_what_the_modules_lack_is_refused(tmp_path, key, value, message):
+  directory = copy_fixture(tmp_path)
+  edit_config(directory, lambda c: c[key].update(value))
+  with pytest.raises(ValueError, match=message):
+    siglip.load_siglip(directory)
+  edit_config(directory, lambda c: c.update(model_type="clip"))
+  with pytest.raises(ValueError, match="model_type 'clip' is not 'siglip'"):
+    siglip.load_siglip(directory)
+  with pytest.raises(FileNotFoundError, match="not a SigLIP checkpoint"):
+    siglip.load_siglip(tmp_path)

@@ -1,0 +1,95 @@
+"""timm ViT checkpoints (mmjax.models.vit_checkpoints) against timm.
+
+The fixture tests/data/timm_vit_tiny was written by timm's
+VisionTransformer (tests/data/make_siglip_fixtures.py) with its
+forward_features(x)[:, 0], so the parity check runs without torch.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mmjax.models import vit_checkpoints
+from mmjax.models.encoders.vit import ViT
+
+FIXTURE = pathlib.Path(__file__).parent / "data" / "timm_vit_tiny"
+
+
+def features(path, pixels, **kwargs):
+  vit_kwargs, params = vit_checkpoints.load_timm_vit(path, **kwargs)
+  pre = vit_checkpoints.timm_preprocessing(path)
+  x = (pixels / 255.0 - np.asarray(pre["mean"])) / np.asarray(pre["std"])
+  out = ViT(**vit_kwargs).apply({"params": params}, x.astype(np.float32),
+                                train=False)
+  return vit_kwargs, np.asarray(out)[:, 0]
+
+
+def test_class_token_features_match_timm():
+  ref = np.load(FIXTURE / "reference.npz")
+  kwargs, got = features(FIXTURE, ref["pixels"])
+  assert kwargs == dict(width=32, depth=2, mlp_dim=64, num_heads=4,
+                        patch_size=8, pool="cls", posemb="learn",
+                        pre_norm=False, patch_bias=True, activation="gelu",
+                        layer_norm_epsilon=1e-6)
+  want = ref["features"].astype(np.float64)
+  cosine = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1)
+                                     * np.linalg.norm(want, axis=-1))
+  diff = np.abs(got - want).max()
+  assert diff < 1e-5 and cosine.min() > 1 - 1e-6, (diff, cosine.min())
+  assert vit_checkpoints.timm_preprocessing(FIXTURE)["image_size"] == 32
+
+
+def copy_fixture(tmp_path):
+  directory = tmp_path / "vit"
+  shutil.copytree(FIXTURE, directory)
+  return directory
+
+
+def test_a_bare_file_loads_with_num_heads_given(tmp_path):
+  state = load_file(str(FIXTURE / "model.safetensors"))
+  state["head.weight"] = np.zeros((10, 32), np.float32)  # dropped
+  save_file(state, str(tmp_path / "vit.safetensors"))
+  with pytest.raises(ValueError, match="pass num_heads"):
+    vit_checkpoints.load_timm_vit(tmp_path / "vit.safetensors")
+  _, params = vit_checkpoints.load_timm_vit(tmp_path / "vit.safetensors",
+                                            num_heads=4)
+  _, want = vit_checkpoints.load_timm_vit(FIXTURE)
+  np.testing.assert_array_equal(params["block_1"]["attention"]["query"][
+      "kernel"], want["block_1"]["attention"]["query"]["kernel"])
+
+
+def test_checkpoint_that_does_not_fit_names_the_first_parameter(tmp_path):
+  directory = copy_fixture(tmp_path)
+  state = load_file(str(directory / "model.safetensors"))
+  state["blocks.1.mlp.fc2.weight"] = np.zeros((32, 48), np.float32)
+  save_file(state, str(directory / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"block_1/mlp/dense_1/kernel: "
+                     r"expected shape \(64, 32\), got \(48, 32\)"):
+    vit_checkpoints.load_timm_vit(directory)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["model_args"].update(global_pool="avg"),
+     "model_args.global_pool='avg' is not supported"),
+    (lambda c: c["model_args"].update(init_values=1e-5),
+     "model_args.init_values=1e-05 is not supported"),
+])
+def test_what_vit_lacks_is_refused(tmp_path, edit, message):
+  directory = copy_fixture(tmp_path)
+  raw = json.loads((directory / "config.json").read_text())
+  edit(raw)
+  (directory / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(ValueError, match=message):
+    vit_checkpoints.load_timm_vit(directory)
+
+
+def test_layer_scale_tensors_are_refused(tmp_path):
+  state = load_file(str(FIXTURE / "model.safetensors"))
+  state["blocks.0.ls1.gamma"] = np.ones((32,), np.float32)
+  save_file(state, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"'blocks.0.ls1.gamma': layer scale"):
+    vit_checkpoints.load_timm_vit(tmp_path, num_heads=4)
