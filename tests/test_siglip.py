@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -96,3 +97,91 @@ def test_what_the_modules_lack_is_refused(tmp_path, key, value, message):
     siglip.load_siglip(directory)
   with pytest.raises(FileNotFoundError, match="not a SigLIP checkpoint"):
     siglip.load_siglip(tmp_path)
+
+
+# --------------------------------------------------------- big_vision .npz ---
+#
+# big_vision's names (models/vit.py, models/proj/image_text/two_towers.py
+# and text_transformer.py), written here from the Hugging Face fixture's
+# converted tree: the same weights, so the same reference embeddings.
+
+BLOCK = {"norm_attention": "LayerNorm_0",
+         "attention": "MultiHeadDotProductAttention_0",
+         "norm_mlp": "LayerNorm_1", "mlp": "MlpBlock_0"}
+MLP = {"dense_0": "Dense_0", "dense_1": "Dense_1"}
+MAP = {"probe": "probe", "attention": "MultiHeadDotProductAttention_0",
+       "norm": "LayerNorm_0", "mlp": "MlpBlock_0"}
+
+
+def flatten(tree, prefix):
+  if not isinstance(tree, dict):
+    return {prefix: np.asarray(tree)}
+  out = {}
+  for key, value in tree.items():
+    out.update(flatten(value, f"{prefix}/{key}"))
+  return out
+
+
+def big_vision_names(params, scan=False):
+  renamed = lambda block, names: {names[k]: v for k, v in block.items()}
+  block = lambda b: {**renamed(b, BLOCK),
+                     "MlpBlock_0": renamed(b["mlp"], MLP)}
+  vit = params["tower_image"]["encoder"]
+  blocks = {f"encoderblock_{i}": block(vit[f"block_{i}"]) for i in range(2)}
+  if scan:  # nn.scan's stacked layout
+    blocks = {"encoderblock": jax.tree.map(
+        lambda *a: np.stack(a), *[blocks[f"encoderblock_{i}"]
+                                  for i in range(2)])}
+  head = vit["map_head"]
+  img = {"embedding": vit["embedding"], "pos_embedding": vit["pos_embedding"],
+         "Transformer": {**blocks, "encoder_norm": vit["encoder_norm"]},
+         "MAPHead_0": {**renamed(head, MAP),
+                       "MlpBlock_0": renamed(head["mlp"], MLP)}}
+  text = params["tower_text"]["encoder"]
+  txt = {"Embed_0": text["token_embedding"],
+         "pos_embedding": text["position_embedding"][None],
+         "Encoder_0": {**{f"encoderblock_{i}": block(text[f"layer_{i}"])
+                          for i in range(2)},
+                       "encoder_norm": text["norm_out"]},
+         "head": params["tower_text"]["projection"]}
+  return {**flatten(img, "params/img"), **flatten(txt, "params/txt"),
+          "params/t": np.reshape(params["log_scale"], (1,)),
+          "params/b": np.reshape(params["bias"], (1,))}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_big_vision_npz_gives_the_reference_embeddings(tmp_path, scan):
+  ref = np.load(FIXTURE / "reference.npz")
+  hf_config, params = siglip.load_siglip(FIXTURE)
+  flat = big_vision_names(params, scan)
+  assert "params/img/MAPHead_0/MultiHeadDotProductAttention_0/query/kernel" \
+      in flat and "params/txt/Embed_0/embedding" in flat
+  if not scan:
+    assert "params/img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/" \
+        "kernel" in flat
+  np.savez(tmp_path / "siglip.npz", **flat)
+  config, loaded = siglip.load_siglip(tmp_path / "siglip.npz")
+  assert siglip.siglip_config(tmp_path) == config  # the directory's one .npz
+  assert config == hf_config  # shapes alone describe the checkpoint
+  out = siglip.build_siglip(config).apply(
+      {"params": loaded}, {"image": ref["pixels"], "text": ref["ids"]})
+  for modality in ("image", "text"):
+    diff, cosine = parity(out[f"embedding/{modality}"],
+                          ref[f"{modality}_embeds"])
+    assert diff < 1e-5 and cosine > 1 - 1e-6, (modality, diff, cosine)
+  np.testing.assert_allclose(out["bias"], ref["logit_bias"])
+
+
+def test_big_vision_npz_with_what_the_modules_lack_is_refused(tmp_path):
+  _, params = siglip.load_siglip(FIXTURE)
+  flat = big_vision_names(params)
+  flat["params/img/cls"] = np.zeros((1, 1, 32), np.float32)
+  np.savez(tmp_path / "siglip.npz", **flat)
+  with pytest.raises(ValueError, match="img/cls is not supported"):
+    siglip.load_siglip(tmp_path / "siglip.npz")
+  del flat["params/img/cls"]
+  flat["params/txt/Encoder_0/encoderblock_0/LayerScale_0/scale"] = np.ones(3)
+  np.savez(tmp_path / "siglip.npz", **flat)
+  with pytest.raises(ValueError, match="encoderblock_0/LayerScale_0 has no "
+                     "place"):
+    siglip.load_siglip(tmp_path / "siglip.npz")

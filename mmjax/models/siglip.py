@@ -10,8 +10,11 @@ a bidirectional `TextTransformer` read at the last position (pool "last")
 whose projection is a Dense with bias. The learned logit scale and bias are
 the model's `log_scale` and `bias`.
 
-Format: Hugging Face `SiglipModel`, a directory with config.json
-(model_type "siglip") and model.safetensors (or its shards).
+Formats: Hugging Face `SiglipModel`, a directory with config.json
+(model_type "siglip") and model.safetensors (or its shards); and
+big_vision's two-tower `.npz` (a file, or a directory holding one .npz),
+its flattened Flax names ("params/img/...", "params/txt/...",
+"params/t", "params/b"; `big_vision_siglip_config`, `convert_big_vision`).
 
 `siglip_config(directory)` gives the mmjax model configuration (to put in
 `config.model`); `load_siglip(directory)` the whole `ContrastiveModel`
@@ -256,19 +259,251 @@ def build_siglip(config: Mapping[str, Any]) -> ContrastiveModel:
       projections=dict(model["projections"]))
 
 
+# ------------------------------------------------------------ big_vision ---
+#
+# big_vision (github.com/google-research/big_vision) names, from
+# models/proj/image_text/two_towers.py (towers "img" and "txt", params "t"
+# and "b"), models/vit.py (ViT: "embedding", "pos_embedding" [1, N, D]
+# added before the optional "cls", "Transformer/encoderblock_<i>" with
+# LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0/
+# Dense_0, Dense_1, or one stacked "encoderblock" when trained with scan,
+# "Transformer/encoder_norm", "MAPHead_0"/{probe,
+# MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}, "head") and
+# models/proj/image_text/text_transformer.py ("Embed_0", "pos_embedding"
+# [1, L, D], "Encoder_0/..." as the ViT's Transformer, "head"). All of it
+# is Flax already: only names change. big_vision's MlpBlock uses nn.gelu
+# (tanh approximation), every LayerNorm flax's default epsilon 1e-6, the
+# text tower no mask and pool "last" (the released SigLIPs'; a text
+# MAPHead is refused), the image tower pool "map" ("cls", pool "tok", is
+# refused). Head counts come from the attention kernels [D, H, D/H].
+
+_BV_BLOCK = {"LayerNorm_0": "norm_attention",
+             "MultiHeadDotProductAttention_0": "attention",
+             "LayerNorm_1": "norm_mlp", "MlpBlock_0": "mlp"}
+_BV_MLP = {"Dense_0": "dense_0", "Dense_1": "dense_1"}
+_BV_MAP = {"probe": "probe", "MultiHeadDotProductAttention_0": "attention",
+           "LayerNorm_0": "norm", "MlpBlock_0": "mlp"}
+
+
+def _recover_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """"a/b/c" -> {"a": {"b": {"c": ...}}} (big_vision's recover_tree); void
+  arrays of 2 bytes are bfloat16, as big_vision's recover_dtype reads
+  them."""
+  tree = {}
+  for name, value in flat.items():
+    value = np.asarray(value)
+    if value.dtype.type is np.void and value.itemsize == 2:
+      value = value.view(jnp.bfloat16)
+    node = tree
+    *parents, leaf = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def _bv_tower_root(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The two-tower subtree of a big_vision checkpoint tree (its "params",
+  or "opt/target", or the tree itself, as big_vision's load_params)."""
+  if "params" in tree:
+    tree = tree["params"]
+  elif "opt" in tree:
+    tree = tree["opt"]["target"]
+  if "img" not in tree or "txt" not in tree:
+    raise ValueError("big_vision checkpoint: no 'img' and 'txt' towers "
+                     f"(top-level keys: {sorted(tree)})")
+  return tree
+
+
+def _bv_rename(tree, names, where):
+  out = {}
+  for key, value in tree.items():
+    if key not in names:
+      raise ValueError(f"big_vision checkpoint: {where}/{key} has no place "
+                       "in the SigLIP model")
+    out[names[key]] = value
+  return out
+
+
+def _bv_blocks(encoder, where, ours):
+  """encoderblock_<i> (or a scanned, stacked encoderblock) -> {ours<i>}."""
+  encoder = dict(encoder)
+  if "encoderblock" in encoder:  # trained with scan: [depth, ...]
+    stacked = encoder.pop("encoderblock")
+    depth = len(stacked["LayerNorm_0"]["bias"])
+    for i in range(depth):
+      encoder[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i],
+                                                  stacked)
+  blocks = {}
+  count = len([k for k in encoder if k.startswith("encoderblock_")])
+  for i in range(count):
+    name = f"encoderblock_{i}"
+    if name not in encoder:
+      raise ValueError(f"big_vision checkpoint lacks {where}/{name}")
+    block = _bv_rename(encoder.pop(name), _BV_BLOCK, f"{where}/{name}")
+    if "mlp" in block:
+      block["mlp"] = _bv_rename(block["mlp"], _BV_MLP,
+                                f"{where}/{name}/MlpBlock_0")
+    blocks[f"{ours}{i}"] = block
+  return blocks, encoder
+
+
+def _num_heads(blocks, where):
+  try:
+    return int(np.shape(blocks["0"]["attention"]["query"]["kernel"])[1])
+  except (KeyError, IndexError) as e:
+    raise ValueError(f"big_vision checkpoint: {where} has no attention "
+                     "query kernel [D, H, D/H]") from e
+
+
+def convert_big_vision(flat: Mapping[str, Any],
+                       dtype=np.float32) -> tuple[dict[str, Any],
+                                                  dict[str, Any]]:
+  """A big_vision SigLIP checkpoint (flat "params/img/..." names -> arrays,
+  as in its .npz) -> (config as `hf_siglip_config` gives it, the
+  ContrastiveModel parameter tree).
+
+  The image tower's "head" (big_vision's out_dim[0], absent from the
+  released SigLIPs) becomes a "dense" image projection. A checkpoint
+  without "b" (a softmax two-tower) gets objective "softmax", bias 0.
+
+  Raises:
+    ValueError: naming what the modules cannot represent or where.
+  """
+  tree = jax.tree.map(lambda a: np.asarray(a, dtype),
+                      _bv_tower_root(_recover_tree(flat)))
+  img, txt = dict(tree["img"]), dict(tree["txt"])
+  for key in ("cls", "pre_logits"):
+    if key in img:
+      raise ValueError(f"big_vision checkpoint: img/{key} is not supported "
+                       "(pool_type 'tok' or rep_size)")
+  if "MAPHead_0" in txt:
+    raise ValueError("big_vision checkpoint: txt/MAPHead_0 (text pool_type "
+                     "'map') is not supported")
+  if "MAPHead_0" not in img:
+    raise ValueError("big_vision checkpoint: img/MAPHead_0 is missing (only "
+                     "pool_type 'map' image towers are supported)")
+  transformer = dict(img.pop("Transformer", {}))
+  blocks, transformer = _bv_blocks(transformer, "img/Transformer", "block_")
+  vit = {"embedding": img.pop("embedding"),
+         "pos_embedding": img.pop("pos_embedding"), **blocks,
+         "encoder_norm": transformer.pop("encoder_norm")}
+  if transformer:
+    raise ValueError(f"big_vision checkpoint: img/Transformer/"
+                     f"{next(iter(transformer))} has no place in the model")
+  head = _bv_rename(img.pop("MAPHead_0"), _BV_MAP, "img/MAPHead_0")
+  head["mlp"] = _bv_rename(head["mlp"], _BV_MLP, "img/MAPHead_0/MlpBlock_0")
+  vit["map_head"] = head
+  image_head = img.pop("head", None)
+  if img:
+    raise ValueError(f"big_vision checkpoint: img/{next(iter(img))} has no "
+                     "place in the model")
+  encoder = dict(txt.pop("Encoder_0", {}))
+  layers, encoder = _bv_blocks(encoder, "txt/Encoder_0", "layer_")
+  position = txt.pop("pos_embedding")
+  # big_vision's text load(): some checkpoints add a second one here.
+  position = position + encoder.pop("pos_embedding", 0)
+  text = {"token_embedding": txt.pop("Embed_0"),
+          "position_embedding": position[0], **layers,
+          "norm_out": encoder.pop("encoder_norm")}
+  if encoder:
+    raise ValueError(f"big_vision checkpoint: txt/Encoder_0/"
+                     f"{next(iter(encoder))} has no place in the model")
+  text_head = txt.pop("head", None)
+  if txt:
+    raise ValueError(f"big_vision checkpoint: txt/{next(iter(txt))} has no "
+                     "place in the model")
+  if text_head is None:
+    raise ValueError("big_vision checkpoint lacks txt/head")
+  kernel = vit["embedding"]["kernel"]
+  width = kernel.shape[-1]
+  grid = int(round(vit["pos_embedding"].shape[1]**0.5))
+  embed_dim = text_head["kernel"].shape[-1]
+  if image_head is None and embed_dim != width:
+    raise ValueError(f"big_vision checkpoint: txt/head width {embed_dim} "
+                     f"is not the image width {width} (no img/head)")
+  image_spec = dict(
+      name="vit", width=width, depth=len(blocks),
+      mlp_dim=vit["map_head"]["mlp"]["dense_0"]["kernel"].shape[-1],
+      num_heads=_num_heads({"0": head}, "img/MAPHead_0"),
+      patch_size=kernel.shape[0], pool="map", posemb="learn",
+      pre_norm=False, patch_bias="bias" in vit["embedding"],
+      activation="gelu_tanh", layer_norm_epsilon=1e-6,
+      frontend=dict(name="pixels", mean=list(SIGLIP_MEAN),
+                    std=list(SIGLIP_STD)))
+  if blocks:
+    image_spec["mlp_dim"] = blocks["block_0"]["mlp"]["dense_0"][
+        "kernel"].shape[-1]
+  vocab, text_width = text["token_embedding"]["embedding"].shape
+  text_spec = dict(
+      name="text_transformer", vocab_size=vocab, width=text_width,
+      num_layers=len(layers),
+      num_heads=_num_heads({"0": layers.get("layer_0", {})},
+                           "txt/Encoder_0/encoderblock_0"),
+      mlp_dim=layers["layer_0"]["mlp"]["dense_0"]["kernel"].shape[-1]
+      if layers else 4 * text_width,
+      max_length=position.shape[1], causal=False, pool="last",
+      activation="gelu_tanh", layer_norm_epsilon=1e-6)
+  bias = tree.get("b")
+  config = {"model": {"encoders": {"image": image_spec, "text": text_spec},
+                      "projections": {"image": "none" if image_head is None
+                                      else "dense", "text": "dense"},
+                      "embed_dim": embed_dim,
+                      "objective": "softmax" if bias is None else "sigmoid"},
+            "image_size": grid * kernel.shape[0],
+            "max_length": position.shape[1]}
+  tower_image = {"encoder": vit}
+  if image_head is not None:
+    tower_image["projection"] = image_head
+  params = {"log_scale": np.reshape(tree["t"], ()),
+            "bias": np.zeros((), dtype) if bias is None
+            else np.reshape(bias, ()),
+            "tower_image": tower_image,
+            "tower_text": {"encoder": text, "projection": text_head}}
+  return config, params
+
+
+def _npz(path: pathlib.Path) -> pathlib.Path | None:
+  """The big_vision .npz of `path` (the file, or a directory's only .npz
+  when it has no config.json), else None."""
+  if path.is_file() and path.suffix == ".npz":
+    return path
+  if path.is_dir() and not (path / "config.json").is_file():
+    found = sorted(p for p in path.glob("*.npz") if p.name != "reference.npz")
+    if len(found) == 1:
+      return found[0]
+  return None
+
+
+def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as loaded:
+    return dict(loaded)
+
+
+def big_vision_siglip_config(path: str | os.PathLike) -> dict[str, Any]:
+  """The mmjax configuration of a big_vision SigLIP .npz (from its shapes)."""
+  return convert_big_vision(_load_npz(pathlib.Path(path)))[0]
+
+
 def siglip_config(directory: str | os.PathLike) -> dict[str, Any]:
-  """The mmjax configuration of the SigLIP checkpoint in `directory`
-  (`hf_siglip_config` of its config.json)."""
-  path = pathlib.Path(directory) / "config.json"
+  """The mmjax configuration of the SigLIP checkpoint at `directory`
+  (`hf_siglip_config` of its config.json, or a big_vision .npz's)."""
+  directory = pathlib.Path(directory)
+  npz = _npz(directory)
+  if npz is not None:
+    return big_vision_siglip_config(npz)
+  path = directory / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{directory} is not a SigLIP checkpoint: it has "
-                            "no config.json (Hugging Face SiglipModel)")
+                            "no config.json (Hugging Face SiglipModel) nor "
+                            "one big_vision .npz")
   return hf_siglip_config(json.loads(path.read_text()))
 
 
 def load_siglip(directory: str | os.PathLike,
                 dtype=np.float32) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Loads a Hugging Face SigLIP checkpoint directory without torch.
+  """Loads a SigLIP checkpoint without torch: a Hugging Face directory, or
+  a big_vision .npz (the file, or a directory holding just it).
 
   Returns:
     (config, params): `siglip_config(directory)` and the ContrastiveModel
@@ -281,8 +516,12 @@ def load_siglip(directory: str | os.PathLike,
       first parameter that does not fit the config.
   """
   directory = pathlib.Path(directory)
-  config = siglip_config(directory)
-  params = convert_siglip(load_safetensors(directory), config, dtype)
+  npz = _npz(directory)
+  if npz is not None:
+    config, params = convert_big_vision(_load_npz(npz), dtype)
+  else:
+    config = siglip_config(directory)
+    params = convert_siglip(load_safetensors(directory), config, dtype)
   side, length = config["image_size"], config["max_length"]
   expected = param_shapes(
       build_siglip(config),
