@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from mmjax import parallel
-from mmjax.data import builders
+from mmjax.data import builders, webdataset
 from mmjax.data.tokenizer import ByteTokenizer
 from mmjax.errors import UsageError
 
@@ -244,8 +244,11 @@ def data_source(config, split: str):
   prepared in array_record format under `data_dir`. Naming the version makes
   tfds read the prepared files (dataset_info.json, features.json) instead of
   running the dataset's builder code, which for many catalogue datasets
-  imports TensorFlow.
+  imports TensorFlow. "wds:PATTERN" is webdataset tar shards, "{split}" in
+  the pattern naming the split (`mmjax.data.webdataset`).
   """
+  if config.dataset.startswith(webdataset.PREFIX):
+    return webdataset.data_source(config.dataset, split)
   data_dir = config.data_dir or default_data_dir()
   if config.dataset.startswith("tfds:"):
     return _tfds_catalogue_source(config.dataset[len("tfds:"):], split,
@@ -305,6 +308,16 @@ def _text_fields(ds: grain.MapDataset, config) -> grain.MapDataset:
       tuple((config.text.get("lengths") or {}).items())))
 
 
+def local_share(source, process_index: int, process_count: int
+                ) -> grain.MapDataset:
+  """This process's disjoint share of `source`: the source's own
+  `process_share(i, n)` where it has one (webdataset: shards i::n), else
+  every n-th example from i."""
+  if hasattr(source, "process_share"):
+    return source.process_share(process_index, process_count)
+  return grain.MapDataset.source(source)[process_index::process_count]
+
+
 class TrainIterator:
   """Endless sharded training batches with a checkpointable position."""
 
@@ -312,7 +325,7 @@ class TrainIterator:
                process_count: int = 1, seed: int | None = None):
     """seed: the shuffle's seed (default `config.seed`)."""
     local_batch = config.batch_size // process_count
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = local_share(source, process_index, process_count)
     ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
     ds = train_transforms(ds, config).batch(local_batch, drop_remainder=True)
     ds = ds.to_iter_dataset(TRAIN_READ_OPTIONS)

@@ -1,0 +1,304 @@
+"""webdataset tar shards: repacked coco_mini read back, per-process shares,
+epochs without duplicates or gaps, exact resume, bad input, the CLI."""
+
+import io
+import json
+import tarfile
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mmjax import parallel
+from mmjax.data import builders, pipeline
+from mmjax.data import webdataset as wds
+from mmjax.errors import UsageError
+
+NUM_SHARDS = 8
+TRAIN, TEST = 66, 20
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A tfds data_dir with coco_mini built."""
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  builders.get_builder("coco_mini", data_dir)
+  return data_dir
+
+
+@pytest.fixture(scope="module")
+def coco(data_dir):
+  """coco_mini's train and test records, in order."""
+  builder = builders.get_builder("coco_mini", data_dir)
+  return {s: [builder.as_data_source(split=s)[i]
+              for i in range(TRAIN if s == "train" else TEST)]
+          for s in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, coco):
+  """coco_mini repacked into root/<split>/00000.tar ... 00007.tar."""
+  root = tmp_path_factory.mktemp("wds")
+  for split, records in coco.items():
+    wds.repack(records, root / split, NUM_SHARDS)
+  return root
+
+
+@pytest.fixture(scope="module")
+def pattern(root):
+  return f"wds:{root}/{{split}}/{{00000..{NUM_SHARDS - 1:05d}}}.tar"
+
+
+@pytest.fixture(scope="module")
+def identity(coco):
+  """image bytes -> position in coco_mini train (the images are distinct)."""
+  ids = {r["image"].tobytes(): i for i, r in enumerate(coco["train"])}
+  assert len(ids) == TRAIN
+  return ids
+
+
+def config(pattern, workers=0, batch_size=6):
+  return ml_collections.ConfigDict(dict(
+      dataset=pattern, data_dir="", source_dir="", batch_size=batch_size,
+      seed=3, modalities=("image", "text"), audio_length=0,
+      data_workers=workers, text=dict(tokenizer="bytes", max_length=16,
+                                      captions_key="captions")))
+
+
+def train_iterator(pattern, process_index=0, process_count=1, **kwargs):
+  cfg = config(pattern, **kwargs)
+  return pipeline.TrainIterator(
+      pipeline.data_source(cfg, "train"), cfg,
+      parallel.batch_sharding(parallel.make_mesh(1)), process_index,
+      process_count)
+
+
+def positions(batch, identity) -> list[int]:
+  """The coco_mini train positions of a batch's examples."""
+  return [identity[x.tobytes()] for x in np.asarray(batch["image"])]
+
+
+def shard_of(position: int) -> int:
+  """The shard `repack` wrote coco_mini train example `position` to (sizes
+  9, 9, 8, 8, 8, 8, 8, 8)."""
+  return next(s for s, part in enumerate(
+      np.array_split(np.arange(TRAIN), NUM_SHARDS)) if position in part)
+
+
+# ------------------------------------------------------------------ records
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_records_equal_coco_minis(pattern, coco, split):
+  source = pipeline.data_source(config(pattern), split)
+  assert len(source) == len(coco[split])
+  keys = []
+  for i, expected in enumerate(coco[split]):
+    record = source[i]
+    assert record["image"].dtype == np.uint8
+    np.testing.assert_array_equal(record["image"], expected["image"])
+    assert record["captions"].dtype == object
+    assert list(record["captions"]) == list(expected["captions"])
+    keys.append(record["key"])
+  assert keys == sorted(set(keys)) and keys[0] == "000000000"
+  last = len(np.array_split(np.arange(len(keys)), NUM_SHARDS)[-1]) - 1
+  assert keys[-1] == f"{NUM_SHARDS - 1:05d}{last:04d}"
+
+
+def test_shards_have_img2datasets_layout(root, coco):
+  with tarfile.open(root / "train" / "00001.tar") as tar:
+    names = tar.getnames()
+    meta = json.load(tar.extractfile("000010000.json"))
+    text = tar.extractfile("000010000.txt").read().decode()
+  assert names[:3] == ["000010000.png", "000010000.txt", "000010000.json"]
+  assert len(names) == 3 * 9
+  expected = coco["train"][9]  # shard 1 starts after shard 0's 9 examples
+  assert meta["image_id"] == expected["image_id"]
+  assert meta["captions"] == [c.decode() for c in expected["captions"]]
+  assert text == meta["caption"] == meta["captions"][0]
+  assert (meta["key"], meta["width"], meta["height"]) == ("000010000", 64, 64)
+
+
+def test_patterns_globs_and_splits(root, pattern):
+  glob = pipeline.data_source(config(f"wds:{root}/{{split}}/*.tar"), "test")
+  assert len(glob) == TEST and len(glob.shards) == NUM_SHARDS
+  one = pipeline.data_source(config(f"wds:{root}/train/0000{{0,3}}.tar"),
+                             "train")
+  assert len(one) == 9 + 8
+  with pytest.raises(UsageError, match=r"no \{split\}.*'test'"):
+    pipeline.data_source(config(f"wds:{root}/train/*.tar"), "test")
+  with pytest.raises(UsageError, match="cannot be sliced"):
+    pipeline.data_source(config(pattern), "train[:10]")
+
+
+def test_expand_braces():
+  assert wds.expand_braces("s/{00008..00010}.tar") == [
+      "s/00008.tar", "s/00009.tar", "s/00010.tar"]
+  assert wds.expand_braces("{a,b}{1..2}") == ["a1", "a2", "b1", "b2"]
+  assert wds.expand_braces("{3..1}") == ["3", "2", "1"]
+  assert wds.expand_braces("{x,{y,z}w}") == ["x", "yw", "zw"]
+  assert wds.expand_braces("{split}/{8..9}") == ["{split}/8", "{split}/9"]
+  with pytest.raises(UsageError, match="unbalanced"):
+    wds.expand_braces("a{1..2")
+
+
+# --------------------------------------------------- epochs and processes
+
+
+def test_one_process_epochs_are_new_permutations(pattern, identity):
+  it = train_iterator(pattern)
+  epochs = [sum((positions(next(it), identity) for _ in range(TRAIN // 6)),
+                []) for _ in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(TRAIN))
+  assert epochs[0] != epochs[1]
+
+
+def test_two_processes_read_disjoint_shards_and_cover_each_epoch(
+    pattern, identity):
+  # Shards 0, 2, 4, 6 (9+8+8+8 examples) and 1, 3, 5, 7 (the same): local
+  # batches of 3 of a global 6, 11 per local epoch.
+  its = [train_iterator(pattern, i, 2) for i in range(2)]
+  for epoch in range(2):
+    seen = [sum((positions(next(it), identity) for _ in range(11)), [])
+            for it in its]
+    for i, local in enumerate(seen):
+      assert len(local) == len(set(local)) == TRAIN // 2, (epoch, i)
+      assert {shard_of(p) for p in local} == set(range(i, NUM_SHARDS, 2))
+    assert sorted(seen[0] + seen[1]) == list(range(TRAIN))
+
+
+def test_shard_count_not_divisible_strides_examples(pattern):
+  source = pipeline.data_source(config(pattern), "train")
+  shares = [[r["key"] for r in pipeline.local_share(source, i, 3)]
+            for i in range(3)]
+  assert [len(s) for s in shares] == [22, 22, 22]
+  assert sorted(sum(shares, [])) == [source[i]["key"] for i in range(TRAIN)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_state_gives_bit_identical_batches(pattern, workers):
+  it = train_iterator(pattern, 1, 2, workers=workers)
+  for _ in range(13):  # past the end of the first local epoch (11)
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # as the checkpoint keeps it
+  expected = [next(it) for _ in range(3)]
+  fresh = train_iterator(pattern, 1, 2, workers=workers)  # scans again
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    assert set(got) == set(want) >= {"image", "text", "mask/text"}
+    for key in want:
+      np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+# --------------------------------------------------------------- bad input
+
+
+def write_tar(path, members, *, gzip=False):
+  """members: [(name, bytes)] -> a tar at `path`."""
+  with tarfile.open(path, "w:gz" if gzip else "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return path
+
+
+def png(value=0):
+  return wds.example_members({"image": np.full((4, 4, 3), value, np.uint8),
+                              "captions": ["a"]}, "k", "png")[0][1]
+
+
+def open_shard(path):
+  return pipeline.data_source(config(f"wds:{path}"), "train")
+
+
+def test_no_shard_matches(tmp_path):
+  with pytest.raises(UsageError, match="config key 'dataset'.*no shard"):
+    open_shard(tmp_path / "*.tar")
+  write_tar(tmp_path / "00000.tar", [("0001.png", png()), ("0001.txt", b"a")])
+  with pytest.raises(UsageError, match=r"shard not found: .*00001\.tar"):
+    open_shard(tmp_path / "{00000..00001}.tar")
+
+
+@pytest.mark.parametrize("case, match", [
+    ("garbage", "unreadable tar shard .*bad.tar"),
+    ("gzip", "unreadable tar shard .*uncompressed"),
+    ("truncated", "bad.tar is truncated"),
+    ("corrupt_header", "corrupt member header"),
+    ("no_image", "example 0001 has no image member"),
+    ("no_caption", "example 0001 has no caption member"),
+    ("not_adjacent", "example 0001 are not adjacent"),
+])
+def test_bad_shards(tmp_path, case, match):
+  path = tmp_path / "bad.tar"
+  good = [("0001.png", png()), ("0001.txt", b"a cat"),
+          ("0002.png", png(9)), ("0002.txt", b"a dog")]
+  if case == "garbage":
+    path.write_bytes(b"not a tar file " * 100)
+  elif case == "gzip":
+    write_tar(path, good, gzip=True)
+  elif case in ("truncated", "corrupt_header"):
+    data = write_tar(path, good).read_bytes()
+    with tarfile.open(path) as tar:  # the headers of 0001.txt and 0002.png
+      txt, second = (m.offset for m in tar.getmembers()[1:3])
+    path.write_bytes(data[:txt + 600] if case == "truncated" else
+                     data[:second] + b"\xff" * 512 + data[second + 512:])
+  elif case == "no_image":
+    write_tar(path, [("0001.txt", b"a cat")] + good[2:])
+  elif case == "no_caption":
+    write_tar(path, [("0001.png", png())] + good[2:])
+  else:
+    write_tar(path, good + [("0001.json", b"{}")])
+  with pytest.raises(UsageError, match=match) as e:
+    open_shard(path)
+  assert "\n" not in str(e.value)
+
+
+def test_captions_from_txt_or_json_and_bad_images(tmp_path):
+  path = write_tar(tmp_path / "s.tar", [
+      ("a/0001.PNG", png()), ("a/0001.txt", b" from txt \n"),
+      ("a/0002.png", png()), ("a/0002.json", b'{"caption": "from json"}'),
+      ("a/0003.png", png()), ("a/0003.txt", b"t"),
+      ("a/0003.json", b'{"captions": ["x", "y"]}'),
+      ("a/0004.jpg", b"not a jpeg"), ("a/0004.txt", b"t"),
+      ("a/0005.png", png()), ("a/0005.json", b'{"url": "u"}')])
+  source = open_shard(path)
+  assert [list(source[i]["captions"]) for i in range(3)] == [
+      [b"from txt"], [b"from json"], [b"x", b"y"]]
+  assert source[0]["key"] == "a/0001" and source[0]["image"].shape == (4, 4, 3)
+  with pytest.raises(UsageError, match=r"s\.tar, example a/0004: image does "
+                     "not decode"):
+    source[3]  # pylint: disable=pointless-statement
+  with pytest.raises(UsageError, match="example a/0005: no caption"):
+    source[4]  # pylint: disable=pointless-statement
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def test_repack_cli_writes_once_and_never_overwrites(tmp_path, data_dir,
+                                                     capsys, coco):
+  argv = ["repack", "--dataset", "coco_mini", "--data_dir", data_dir,
+          "--splits", "test", "--shards", "3", "--out", str(tmp_path),
+          "--image_format", "jpg"]
+  assert wds.main(argv) == 0
+  out = capsys.readouterr().out
+  assert f"config.dataset = wds:{tmp_path}/{{split}}/{{00000..00002}}.tar" in out
+  shards = sorted((tmp_path / "test").glob("*.tar"))
+  assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+  before = [p.read_bytes() for p in shards]
+  source = open_shard(tmp_path / "test" / "*.tar")
+  assert len(source) == TEST
+  for i in (0, TEST - 1):  # JPEG quality 95 (4:2:0): close, not equal; two
+    diff = np.abs(source[i]["image"].astype(int) -  # photos differ by ~50
+                  coco["test"][i]["image"].astype(int))
+    assert 0 < diff.mean() < 8, diff.mean()
+
+  assert wds.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: shard ") and "never overwrites" in err
+  assert err.count("\n") == 1
+  assert [p.read_bytes() for p in shards] == before
+  assert wds.main(["repack", "--out", str(tmp_path), "--shards", "x"]) == 2
+  assert capsys.readouterr().err.startswith("error: argument --shards")
