@@ -9,6 +9,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -93,3 +94,60 @@ def test_layer_scale_tensors_are_refused(tmp_path):
   save_file(state, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match=r"'blocks.0.ls1.gamma': layer scale"):
     vit_checkpoints.load_timm_vit(tmp_path, num_heads=4)
+
+
+# --------------------------------------------------------- big_vision .npz ---
+
+
+def test_big_vision_siglip_image_tower_gives_the_reference_embeddings(
+    tmp_path):
+  from mmjax.models import siglip  # pylint: disable=import-outside-toplevel
+  from test_siglip import FIXTURE as SIGLIP, big_vision_names  # pylint: disable=import-outside-toplevel
+  ref = np.load(SIGLIP / "reference.npz")
+  _, params = siglip.load_siglip(SIGLIP)
+  np.savez(tmp_path / "siglip.npz", **big_vision_names(params))
+  kwargs, vit = vit_checkpoints.load_big_vision_vit(tmp_path / "siglip.npz")
+  assert (kwargs["pool"], kwargs["num_heads"], kwargs["activation"]) == (
+      "map", 4, "gelu_tanh")
+  x = (ref["pixels"] / 255.0 - 0.5) / 0.5
+  out = np.asarray(ViT(**kwargs).apply({"params": vit}, x.astype(np.float32),
+                                       train=False))[:, 0]
+  out = out / np.linalg.norm(out, axis=-1, keepdims=True)
+  assert np.abs(out - ref["image_embeds"]).max() < 1e-5
+
+
+def test_augreg_names_load_as_timm_converts_them(tmp_path):
+  """An AugReg-style (pre-Linen names, posembed_input with the class
+  token's row, a head) npz of the timm fixture's weights."""
+  _, params = vit_checkpoints.load_timm_vit(FIXTURE)
+  flat = {"embedding/kernel": params["embedding"]["kernel"],
+          "embedding/bias": params["embedding"]["bias"],
+          "cls": params["cls"],
+          "Transformer/posembed_input/pos_embedding": params["pos_embedding"],
+          "head/kernel": np.zeros((32, 10), np.float32),
+          "head/bias": np.zeros((10,), np.float32)}
+  old = {"norm_attention": "LayerNorm_0",
+         "attention": "MultiHeadDotProductAttention_1",
+         "norm_mlp": "LayerNorm_2", "mlp": "MlpBlock_3"}
+  for i in range(2):
+    for ours, theirs in old.items():
+      for path, leaf in jax.tree_util.tree_flatten_with_path(
+          params[f"block_{i}"][ours])[0]:
+        name = "/".join(k.key for k in path)
+        if ours == "mlp":
+          name = name.replace("dense_", "Dense_")
+        flat[f"Transformer/encoderblock_{i}/{theirs}/{name}"] = leaf
+  flat["Transformer/encoder_norm/scale"] = params["encoder_norm"]["scale"]
+  flat["Transformer/encoder_norm/bias"] = params["encoder_norm"]["bias"]
+  np.savez(tmp_path / "augreg.npz", **flat)
+  kwargs, loaded = vit_checkpoints.load_big_vision_vit(tmp_path / "augreg.npz")
+  assert (kwargs["pool"], kwargs["activation"]) == ("cls", "gelu_tanh")
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  # The newer layout: the patches' embedding alone, added before "cls".
+  del flat["Transformer/posembed_input/pos_embedding"]
+  flat["pos_embedding"] = params["pos_embedding"][:, 1:]
+  np.savez(tmp_path / "new.npz", **flat)
+  _, loaded = vit_checkpoints.load_big_vision_vit(tmp_path / "new.npz")
+  np.testing.assert_array_equal(loaded["pos_embedding"][:, 0], 0)
+  np.testing.assert_array_equal(loaded["pos_embedding"][:, 1:],
+                                params["pos_embedding"][:, 1:])

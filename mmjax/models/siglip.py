@@ -320,7 +320,7 @@ def _bv_rename(tree, names, where):
   for key, value in tree.items():
     if key not in names:
       raise ValueError(f"big_vision checkpoint: {where}/{key} has no place "
-                       "in the SigLIP model")
+                       "in the model")
     out[names[key]] = value
   return out
 

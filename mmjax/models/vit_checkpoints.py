@@ -1,6 +1,7 @@
 """ViT-only checkpoints into a `ViT` encoder subtree, without torch.
 
-Format: timm `VisionTransformer` safetensors (a timm Hugging Face Hub
+Formats: big_vision / AugReg `.npz` (`load_big_vision_vit`, below) and
+timm `VisionTransformer` safetensors (a timm Hugging Face Hub
 directory: model.safetensors and config.json with "architecture" and
 "model_args"; or a bare .safetensors file). `load_timm_vit(path)` returns
 (ViT keyword arguments, parameters) for `ViT(**kwargs)` with pool "cls":
@@ -242,6 +243,125 @@ def load_timm_vit(path: str | os.PathLike, num_heads: int | None = None,
                                     layer_norm_epsilon, dtype)
   side = kwargs["patch_size"] * int(round(
       (np.shape(params["pos_embedding"])[1] - 1)**0.5))
+  expected = param_shapes(ViT(**kwargs),
+                          jax.ShapeDtypeStruct((1, side, side, 3),
+                                               jnp.float32), train=False)
+  check_fits(params, expected, f"the ViT of {path}")
+  return kwargs, params
+
+
+# ------------------------------------------------------------ big_vision ---
+
+
+def _renumber_pre_linen(tree):
+  """flax's convert_pre_linen: pre-Linen modules were numbered with one
+  counter per parent ("LayerNorm_0", "MultiHeadDotProductAttention_1",
+  "LayerNorm_2", "MlpBlock_3"), Linen ones with one per class; renumbers
+  each class's modules 0, 1, ... in their old order."""
+  if not isinstance(tree, Mapping):
+    return tree
+  groups = {}
+  for key in tree:
+    match = re.fullmatch(r"(.+)_(\d+)", key)
+    if match:
+      groups.setdefault(match.group(1), []).append((int(match.group(2)), key))
+  rename = {}
+  for prefix, members in groups.items():
+    for i, (_, key) in enumerate(sorted(members)):
+      rename[key] = f"{prefix}_{i}"
+  return {rename.get(k, k): _renumber_pre_linen(v) for k, v in tree.items()}
+
+
+def convert_big_vision_vit(flat: Mapping[str, Any], dtype=np.float32
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A big_vision / AugReg ViT checkpoint (flat "/"-joined names -> arrays,
+  as in its .npz) -> (ViT kwargs, parameters).
+
+  Names from big_vision's models/vit.py (its load(): fix_old_checkpoints
+  and flax's convert_pre_linen): "embedding", "pos_embedding" [1, N, D]
+  (added before the class token; newer) or "Transformer/posembed_input/
+  pos_embedding" / "Transformer/pos_embedding" [1, N + 1, D] (added after
+  it; AugReg's), "cls" (pool "tok" -> "cls"), "Transformer/
+  encoderblock_<i>" (or a scanned "encoderblock") with LayerNorm_0,
+  MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0 (pre-Linen
+  AugReg names LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
+  MlpBlock_3 are renumbered), "Transformer/encoder_norm", "MAPHead_0"
+  (pool "map"); neither cls nor MAPHead_0 is pool "gap". The position
+  embedding without the class token's gets a zero row for it (the same
+  sum). "head" and "pre_logits" (the classifier) are dropped. A two-tower
+  checkpoint's image tower ("params/img/...") is taken. big_vision's MLP
+  uses nn.gelu (tanh approximation) and LayerNorm epsilon 1e-6.
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from mmjax.models.siglip import (_BV_MAP, _BV_MLP, _bv_blocks, _bv_rename,
+                                   _recover_tree)
+  tree = _recover_tree(flat)
+  if "params" in tree:
+    tree = tree["params"]
+  elif "opt" in tree:
+    tree = tree["opt"]["target"]
+  if "img" in tree:
+    tree = tree["img"]
+  tree = jax.tree.map(lambda a: np.asarray(a, dtype),
+                      _renumber_pre_linen(tree))
+  tree = dict(tree)
+  transformer = dict(tree.pop("Transformer", {}))
+  if "posembed_input" in transformer:
+    transformer["pos_embedding"] = transformer.pop("posembed_input")[
+        "pos_embedding"]
+  blocks, transformer = _bv_blocks(transformer, "Transformer", "block_")
+  if not blocks:
+    raise ValueError("big_vision checkpoint: no Transformer/encoderblock_0")
+  posemb = transformer.pop("pos_embedding", None)
+  if posemb is None:
+    posemb = tree.pop("pos_embedding")
+    if "cls" in tree:  # added before the class token: it gets none
+      posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], 1)
+  params = {"embedding": tree.pop("embedding")}
+  pool = "gap"
+  if "cls" in tree:
+    params["cls"], pool = tree.pop("cls"), "cls"
+  params["pos_embedding"] = posemb
+  params.update(blocks)
+  params["encoder_norm"] = transformer.pop("encoder_norm")
+  if "MAPHead_0" in tree:
+    head = _bv_rename(tree.pop("MAPHead_0"), _BV_MAP, "MAPHead_0")
+    head["mlp"] = _bv_rename(head["mlp"], _BV_MLP, "MAPHead_0/MlpBlock_0")
+    params["map_head"], pool = head, "map" if pool == "gap" else "both"
+  if pool == "both":
+    raise ValueError("big_vision checkpoint: both cls and MAPHead_0")
+  for key in ("head", "pre_logits"):
+    tree.pop(key, None)
+  left = next(iter(tree), None) or next(iter(transformer), None)
+  if left:
+    raise ValueError(f"big_vision checkpoint: {left} has no place in the ViT")
+  kernel = params["embedding"]["kernel"]
+  width = kernel.shape[-1]
+  kwargs = dict(width=width, depth=len(blocks),
+                mlp_dim=blocks["block_0"]["mlp"]["dense_0"]["kernel"].shape[-1],
+                num_heads=int(blocks["block_0"]["attention"]["query"][
+                    "kernel"].shape[1]),
+                patch_size=kernel.shape[0], pool=pool, posemb="learn",
+                pre_norm=False, patch_bias="bias" in params["embedding"],
+                activation="gelu_tanh", layer_norm_epsilon=1e-6)
+  return kwargs, params
+
+
+def load_big_vision_vit(path: str | os.PathLike, dtype=np.float32
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads a big_vision / AugReg ViT .npz (`convert_big_vision_vit`).
+
+  Returns:
+    (kwargs, params) for `ViT(**kwargs)`.
+
+  Raises:
+    ValueError: naming what ViT cannot represent or the first parameter
+      that does not fit.
+  """
+  with np.load(path, allow_pickle=False) as loaded:
+    kwargs, params = convert_big_vision_vit(dict(loaded), dtype)
+  patches = params["pos_embedding"].shape[1] - (kwargs["pool"] == "cls")
+  side = kwargs["patch_size"] * int(round(patches**0.5))
   expected = param_shapes(ViT(**kwargs),
                           jax.ShapeDtypeStruct((1, side, side, 3),
                                                jnp.float32), train=False)
