@@ -8,6 +8,8 @@ setuptools.setup(
     description="Multimodal deep learning in JAX/Flax: encoders, fusion, "
                 "supervised and contrastive training.",
     packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    # Zero-shot ImageNet assets: class names, prompt templates, provenance.
+    package_data={"mmjax.data.imagenet": ["*.txt", "*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6,<0.11",
