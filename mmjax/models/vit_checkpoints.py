@@ -119,6 +119,8 @@ def convert_timm_vit(state: Mapping[str, Any], config: Mapping[str, Any],
     if key in model_args and model_args[key] != default:
       if key == "global_pool" and model_args[key] in ("", None):
         continue  # the same features; the pool is the caller's
+      if key == "fc_norm" and model_args[key] is False:
+        continue  # None means False with the token pool
       raise ValueError(f"timm config.json: model_args.{key}="
                        f"{model_args[key]!r} is not supported")
   for pattern, what in _TIMM_UNSUPPORTED_TENSORS:
