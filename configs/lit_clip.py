@@ -33,7 +33,7 @@ import ml_collections
 from mmjax import configs
 from mmjax.configs import common
 from mmjax.errors import UsageError
-from mmjax.models import clip
+from mmjax.models.clip_config import clip_config
 
 
 def get_config(arg=None):
@@ -44,7 +44,7 @@ def get_config(arg=None):
                      "directory")
   configs.check_choice("config argument text", args.text, ("clip", "scratch"))
   try:
-    checkpoint = clip.clip_config(args.clip)
+    checkpoint = clip_config(args.clip)
   except (OSError, ValueError) as e:
     raise UsageError(f"config argument 'clip': {e}") from e
   config = ml_collections.ConfigDict()

@@ -65,6 +65,7 @@ from mmjax import configs
 from mmjax.configs import common
 from mmjax.data import imagenet
 from mmjax.errors import UsageError
+from mmjax.models.clip_config import clip_config
 
 # tfds catalogue name (its version named, so that tfds reads the prepared
 # files, `mmjax.data.pipeline.data_source`) and evaluated split.
@@ -80,11 +81,8 @@ def get_config(arg=None):
     raise UsageError("configs/zero_shot_imagenet.py needs clip=DIR, a CLIP "
                      "checkpoint directory")
   configs.check_choice("config argument dataset", args.dataset, DATASETS)
-  # Imported here: mmjax.models.clip imports jax (configs load without it
-  # until a checkpoint is read).
-  from mmjax.models import clip  # pylint: disable=import-outside-toplevel
   try:
-    checkpoint = clip.clip_config(args.clip)
+    checkpoint = clip_config(args.clip)
   except (OSError, ValueError) as e:
     raise UsageError(f"config argument 'clip': {e}") from e
   dataset, split = DATASETS[args.dataset]

@@ -28,7 +28,7 @@ from mmjax import (checkpoint, configs, evaluators, methods, objectives,
                    parallel, registry, results, rundir)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
-from mmjax.models import clip, generative, pretrained
+from mmjax.models import clip, generative, pretrained, siglip
 from mmjax.models.convert import first_mismatch
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
@@ -56,7 +56,7 @@ class TrainState:
 
 def check_config(config):
   """Fails at config time on any unknown name or bad value, one line each."""
-  if not config.dataset.startswith("tfds:"):  # else tfds's own registry
+  if not config.dataset.startswith(("tfds:", "wds:")):  # not builders
     configs.check_choice("dataset", config.dataset.split("/")[0],
                          builders.BUILDERS)
   configs.check_choice("objective", config.objective, objectives.OBJECTIVES)
@@ -258,13 +258,16 @@ def _subtree(params: dict, path: str, where: str):
 
 
 def _checkpoint(name: str, path: str, loaded: dict):
-  """The whole parameter tree that a "run:" or "clip:" entry names, read
+  """The whole parameter tree that a "run:", "clip:" or "siglip:" entry
+  names, read
   once per `load_pretrained` call (`loaded` holds what was read)."""
   if name not in loaded:
     kind, _, location = name.partition(":")
+    readers = {"run": checkpoint.read_params,
+               "clip": lambda d: clip.load_clip(d)[1],
+               "siglip": lambda d: siglip.load_siglip(d)[1]}
     try:
-      loaded[name] = (checkpoint.read_params(location) if kind == "run"
-                      else clip.load_clip(location)[1])
+      loaded[name] = readers[kind](location)
     except (OSError, ValueError) as e:
       raise UsageError(f"config key 'model.init.{path}': {e}") from e
   return loaded[name]
@@ -280,16 +283,19 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
                     freezes);
     "clip:<dir>"    the subtree at `path` of a CLIP checkpoint's
                     ContrastiveModel tree (`mmjax.models.clip`: Hugging
-                    Face or open_clip), e.g. "tower_image".
+                    Face or open_clip), e.g. "tower_image";
+    "siglip:<path>" the same of a SigLIP checkpoint (`mmjax.models.siglip`:
+                    Hugging Face or big_vision .npz).
 
   `loaded` caches whole checkpoints between entries that name the same one.
   """
-  if name.startswith(("run:", "clip:")):
+  if name.startswith(("run:", "clip:", "siglip:")):
     tree = _checkpoint(name, path, {} if loaded is None else loaded)
     return _subtree(tree, path, f"config key 'model.init.{path}': {name}")
   loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
   configs.check_choice(f"model.init.{path}", name,
-                       [*loaders, "run:<workdir>", "clip:<dir>"])
+                       [*loaders, "run:<workdir>", "clip:<dir>",
+                        "siglip:<path>"])
   return loaders[name]()
 
 
@@ -455,7 +461,7 @@ def _build(config, training: bool) -> Experiment:
   # First what fails fast: a tokenizer's files, the data directory, the mesh.
   tokenizer = (pipeline.text_tokenizer(config) if config.get("text")
                else None)
-  if not config.dataset.startswith("tfds:"):  # built here, when needed
+  if not config.dataset.startswith(("tfds:", "wds:")):  # built here
     rundir.check_directory(config.data_dir or pipeline.default_data_dir(),
                            "config key 'data_dir':")
   mesh = parallel.make_mesh(config.mesh_devices)

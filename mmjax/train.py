@@ -12,11 +12,21 @@ with status 2; a non-finite loss stops the run (status 1) and keeps the last
 good checkpoint. Each step is checkpointed before it is evaluated, so a run
 stopped during its final evaluation only evaluates when run again.
 
+Preemption: SIGTERM (Slurm before its time limit or on preemption,
+Kubernetes eviction, cloud maintenance) lets the current step finish, saves
+a checkpoint of it and exits with status 143 (128 + SIGTERM, as a shell
+reports a process that SIGTERM ended), so that a scheduler requeues the job
+(`#SBATCH --requeue`; a batch script can requeue on 143 with `scontrol
+requeue $SLURM_JOB_ID`) and the same command resumes bit-identically.
+SIGINT stops at once and keeps the latest periodic checkpoint (status 130).
+
 The run's parts come from `mmjax.experiment`; training methods change the
 step and the loop only through their hooks (`mmjax.methods`).
 """
 
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -31,6 +41,34 @@ from mmjax.experiment import TrainState
 
 class Diverged(Exception):
   """The loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the step it interrupted was finished and saved."""
+
+
+PREEMPTED = 143  # exit status after SIGTERM (128 + 15)
+
+
+class SigtermFlag:
+  """Records SIGTERM instead of dying of it, while the `with` block runs
+  (in the main thread; elsewhere Python handles no signals)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, *_):
+    self.received = True
+
+  def __exit__(self, *_):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_train_step(model, tx, objective, method=None, *,
@@ -93,11 +131,11 @@ def train(config, workdir: str, start_time: float | None = None
   Returns (the final state, the final evaluation's metrics).
   """
   start_time = start_time or time.time()
-  with rundir.RunLock(workdir):  # one run per work directory
-    return _train(config, workdir, start_time)
+  with rundir.RunLock(workdir), SigtermFlag() as sigterm:
+    return _train(config, workdir, start_time, sigterm)
 
 
-def _train(config, workdir: str, start_time: float):
+def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
   # ---------------------------------------------------------------- build --
   changed = rundir.check_resume(workdir, config.to_dict())  # before writing
   run = experiment.build(config)
@@ -196,9 +234,13 @@ def _train(config, workdir: str, start_time: float):
         writer.write(step, row)
         interval_start, interval_steps, accumulated = time.time(), 0, None
       # Checkpoint first: a run stopped during its evaluation keeps the step.
-      if step % config.checkpoint_every == 0 or done:
+      if step % config.checkpoint_every == 0 or done or sigterm.received:
         check_finite(state, workdir)
         ckpt.save(step, state, data.get_state())
+      if sigterm.received and not done:
+        ckpt.wait()
+        raise Preempted(f"SIGTERM: stopped after step {step}, saved in "
+                        f"{ckpt.directory}; the same command resumes")
       if step % config.eval_every == 0 or done:
         check_finite(state, workdir)
         final = evaluate(state, final=done)
@@ -224,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, workdir = cli.parse_command_line(args, cli.TRAIN)
     train(config, workdir, start_time)
 
-  return cli.main(run, cli.TRAIN, argv, errors={Diverged: 1})
+  return cli.main(run, cli.TRAIN, argv,
+                  errors={Diverged: 1, Preempted: PREEMPTED})
 
 
 if __name__ == "__main__":

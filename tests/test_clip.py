@@ -21,7 +21,7 @@ from mmjax.configs import load_config
 from mmjax.data.tokenizer import clip_tokenizer
 from mmjax.errors import UsageError
 from mmjax.models import clip
-from mmjax.models.encoders.image import CLIP_MEAN, CLIP_STD
+from mmjax.models.clip_config import CLIP_MEAN, CLIP_STD
 
 DATA = pathlib.Path(__file__).parent / "data"
 FIXTURES = {"hf": DATA / "clip_tiny_hf", "open_clip": DATA / "clip_tiny_open_clip"}

@@ -7,9 +7,12 @@ import hashlib
 import importlib.util
 import json
 import pathlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import orbax.checkpoint as ocp
 import pytest
@@ -214,3 +217,37 @@ def test_the_sweep_does_not_start_a_point_that_a_live_run_holds(
   assert row["status"] == "failed"
   assert f"is in use by another run (pid {pid})" in row["error"]
   assert not (point / "checkpoints").exists()
+
+
+def test_sigterm_finishes_the_step_saves_it_and_exits_143(
+    tmp_path, avmnist_data_dir, capsys):
+  """A scheduler's SIGTERM (Slurm preemption, Kubernetes eviction) costs no
+  step: the interrupted step is saved, the status asks for a requeue, and
+  the same command resumes from it."""
+  workdir = tmp_path / "run"
+  extra = ("--config.total_steps=1000", "--config.checkpoint_every=1000",
+           "--config.log_every=1", "--config.eval_every=1000")
+  args = argv(workdir, avmnist_data_dir, *extra)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  process = subprocess.Popen([sys.executable, "-m", "mmjax.train", *args],
+                             cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"},
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and '"step": 3' in metrics.read_text()):
+      assert process.poll() is None and time.time() < deadline
+      time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == train.PREEMPTED
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and "stopped after step" in lines[0], stderr
+  step = int(lines[0].split("stopped after step ")[1].split(",")[0])
+  assert 3 <= step < 1000
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [step]
+  assert train.main(args) == 0
+  assert f"resumed from step {step}" in capsys.readouterr().out

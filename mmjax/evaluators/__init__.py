@@ -41,6 +41,8 @@ tokenizer, unless its options set one.
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import inspect
 
+import numpy as np
+
 from mmjax import registry
 from mmjax.evaluators.captioning import captioning
 from mmjax.evaluators.classification import classification
@@ -84,8 +86,7 @@ class Evaluator:
     """The prompts' class embeddings [K, D] under `predict_fn`, computed
     once per `predict_fn` (one evaluation covers every split)."""
     if self._embedded_for is not predict_fn:
-      embed = lambda _: predict_fn({"text": self.prompt_text})[
-          "embedding/text"]
+      embed = lambda _: _in_chunks(predict_fn, self.prompt_text)
       self._class_embeddings = class_embeddings_from_prompts(
           embed, *self.prompts)
       self._embedded_for = predict_fn
@@ -97,6 +98,25 @@ class Evaluator:
     if self.prompt_text is not None:
       options["class_embeddings"] = self.class_embeddings(predict_fn)
     return self.function(predict_fn, batches, **options)
+
+
+# Prompts embedded per call: ImageNet's 1000 classes x 80 templates would
+# otherwise be one batch of 80,000 texts.
+PROMPT_CHUNK = 1024
+
+
+def _in_chunks(predict_fn, text: np.ndarray) -> np.ndarray:
+  """predict_fn's "embedding/text" [N, D] of token ids [N, L], computed in
+  chunks of PROMPT_CHUNK rows (the last padded by repeating its final row,
+  so every call has one shape and compiles once)."""
+  size = min(PROMPT_CHUNK, len(text))
+  out = []
+  for start in range(0, len(text), size):
+    chunk = text[start:start + size]
+    real = len(chunk)
+    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, 0)])
+    out.append(np.asarray(predict_fn({"text": chunk})["embedding/text"])[:real])
+  return np.concatenate(out)
 
 
 def _takes_tokenizer(function) -> bool:

@@ -62,7 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.clip import HF_ACTIVATIONS, _blocks
+from mmjax.models.clip import encoder_blocks
+from mmjax.models.clip_config import HF_ACTIVATIONS
 from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.convert import (check_fits, load_safetensors, param_shapes,
                                   split_heads, torch_dense, torch_norm)
@@ -211,7 +212,7 @@ def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],
               state[f"{embeddings}.patch_embedding.weight"], (2, 3, 1, 0)),
           "bias": state[f"{embeddings}.patch_embedding.bias"]},
       "pos_embedding": state[f"{embeddings}.position_embedding.weight"][None],
-      **_blocks(state, "vision_model", image["depth"], heads, "block_"),
+      **encoder_blocks(state, "vision_model", image["depth"], heads, "block_"),
       "encoder_norm": torch_norm(state, "vision_model.post_layernorm"),
       "map_head": {
           "probe": state[f"{head}.probe"],
@@ -224,7 +225,7 @@ def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],
           "text_model.embeddings.token_embedding.weight"]},
       "position_embedding": state[
           "text_model.embeddings.position_embedding.weight"],
-      **_blocks(state, "text_model", text["num_layers"], text["num_heads"],
+      **encoder_blocks(state, "text_model", text["num_layers"], text["num_heads"],
                 "layer_"),
       "norm_out": torch_norm(state, "text_model.final_layer_norm")}
   params = {

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange, reduce
 
+from mmjax.models.clip_config import CLIP_MEAN, CLIP_STD
 from mmjax.models.precision import Dtype
 
 
@@ -68,10 +69,6 @@ class LeNet(nn.Module):
     return rearrange(x, "b h w c -> b (h w) c")
 
 
-# CLIP's pixel statistics (Radford et al. 2021; OpenAI's `clip` package and
-# Hugging Face's CLIPImageProcessor), RGB.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class PixelNormalize(nn.Module):
