@@ -7,6 +7,10 @@ initialised one built locally by tests/data/make_clip_fixtures.py):
   python -m mmjax.train --config configs/lit_clip.py:clip=DIR --workdir /tmp/lit
   python -m mmjax.evaluate --config configs/lit_clip.py:clip=DIR --workdir /tmp/lit
 
+On image-text shards in img2dataset's layout (`mmjax.data.webdataset`):
+  python -m mmjax.train --config configs/lit_clip.py:clip=DIR --workdir /tmp/lit \
+      "--config.dataset=wds:/data/shards/{split}/{00000..01023}.tar"
+
 On a connected machine, a published CLIP (e.g. `huggingface-cli download
 openai/clip-vit-base-patch32 --local-dir DIR`); its 224 px images are
 resized from coco_mini's 64 px (config.image_size follows the checkpoint).
