@@ -61,12 +61,11 @@ import numpy as np
 
 from mmjax.models.clip_config import (OPEN_CLIP_FILES, checkpoint_format,
                                      clip_config)
+from mmjax.models import factory
 from mmjax.models.contrastive import ContrastiveModel
-from mmjax.models.convert import (check_fits, load_safetensors, param_shapes,
-                                  split_heads, torch_dense, torch_norm)
-from mmjax.models.encoders.image import PixelNormalize
-from mmjax.models.encoders.text import TextTransformer
-from mmjax.models.encoders.vit import ViT
+from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
+                                  param_shapes, split_heads, torch_dense,
+                                  torch_norm)
 
 def open_clip_to_hf(state: Mapping[str, Any]) -> dict[str, Any]:
   """open_clip CLIP tensors renamed (and fused q/k/v split) to `CLIPModel`'s.
@@ -157,6 +156,19 @@ def encoder_blocks(state, prefix, count, num_heads, ours):
   return blocks
 
 
+def text_transformer_params(state, spec) -> dict[str, Any]:
+  """A Hugging Face CLIP or SigLIP `text_model` (embeddings, encoder layers,
+  final_layer_norm) as the parameters of `TextTransformer(**spec)`."""
+  return {
+      "token_embedding": {"embedding": state[
+          "text_model.embeddings.token_embedding.weight"]},
+      "position_embedding": state[
+          "text_model.embeddings.position_embedding.weight"],
+      **encoder_blocks(state, "text_model", spec["num_layers"],
+                       spec["num_heads"], "layer_"),
+      "norm_out": torch_norm(state, "text_model.final_layer_norm")}
+
+
 def convert_clip(state: Mapping[str, Any], config: Mapping[str, Any],
                  dtype=np.float32) -> dict[str, Any]:
   """`CLIPModel` tensors -> the `ContrastiveModel` parameter tree.
@@ -171,16 +183,7 @@ def convert_clip(state: Mapping[str, Any], config: Mapping[str, Any],
   """
   state = {k: np.asarray(v, dtype) for k, v in state.items()
            if not k.endswith("position_ids")}
-  used = set()
-
-  class Tracking(dict):
-    def __getitem__(self, name):
-      if name not in self:
-        raise ValueError(f"checkpoint lacks tensor {name!r}")
-      used.add(name)
-      return super().__getitem__(name)
-
-  state = Tracking(state)
+  state = TrackedState(state, "checkpoint")
   image, text = (config["model"]["encoders"][m] for m in ("image", "text"))
   embeddings = "vision_model.embeddings"
   width = image["width"]
@@ -190,28 +193,18 @@ def convert_clip(state: Mapping[str, Any], config: Mapping[str, Any],
       "cls": state[f"{embeddings}.class_embedding"].reshape(1, 1, width),
       "pos_embedding": state[f"{embeddings}.position_embedding.weight"][None],
       "norm_pre": torch_norm(state, "vision_model.pre_layrnorm"),
-      **encoder_blocks(state, "vision_model", image["depth"], image["num_heads"],
-                "block_"),
+      **encoder_blocks(state, "vision_model", image["depth"],
+                       image["num_heads"], "block_"),
       "encoder_norm": torch_norm(state, "vision_model.post_layernorm")}
-  transformer = {
-      "token_embedding": {"embedding": state[
-          "text_model.embeddings.token_embedding.weight"]},
-      "position_embedding": state[
-          "text_model.embeddings.position_embedding.weight"],
-      **encoder_blocks(state, "text_model", text["num_layers"], text["num_heads"],
-                "layer_"),
-      "norm_out": torch_norm(state, "text_model.final_layer_norm")}
+  transformer = text_transformer_params(state, text)
   params = {
       "log_scale": state["logit_scale"].reshape(()),
       "tower_image": {"encoder": vit, "projection": torch_dense(
           state, "visual_projection", bias=False)},
       "tower_text": {"encoder": transformer, "projection": torch_dense(
           state, "text_projection", bias=False)}}
-  left_over = [k for k in state if k not in used]
-  if left_over:
-    raise ValueError(f"checkpoint tensor {left_over[0]!r} has no place in "
-                     "the CLIP model of its config (more layers than "
-                     "num_hidden_layers?)")
+  state.check_all_read("the CLIP model of its config (more layers than "
+                       "num_hidden_layers?)")
   return params
 
 
@@ -219,18 +212,11 @@ def build_clip(config: Mapping[str, Any]) -> ContrastiveModel:
   """The `ContrastiveModel` of `hf_clip_config(...)` (float32), whose
   parameter tree `convert_clip` fills (all but the sigmoid bias)."""
   model = config["model"]
-  specs = {m: dict(s) for m, s in model["encoders"].items()}
-  frontend = specs["image"].pop("frontend")
-  encoders = {"image": ViT(**{k: v for k, v in specs["image"].items()
-                              if k != "name"}),
-              "text": TextTransformer(**{k: v for k, v in specs["text"].items()
-                                         if k != "name"})}
-  return ContrastiveModel(
-      modalities=("image", "text"), encoders=encoders,
-      frontends={"image": PixelNormalize(tuple(frontend["mean"]),
-                                         tuple(frontend["std"]))},
-      embed_dim=model["embed_dim"], objective="softmax",
-      projections=dict(model["projections"]))
+  return factory.build_contrastive(
+      modalities=("image", "text"), encoders=model["encoders"],
+      embed_dim=model["embed_dim"],
+      objective=model.get("objective", "softmax"),
+      projections=model["projections"])
 
 
 def load_clip(directory: str | os.PathLike,

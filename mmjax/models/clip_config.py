@@ -39,7 +39,9 @@ HF_FILES = ("config.json", "model")
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model")
 
 
-def _activation(name: str, key: str) -> str:
+def hf_activation(name: str, key: str) -> str:
+  """The `ACTIVATIONS` name of a Hugging Face hidden_act (ValueError naming
+  the config `key` for one the modules lack)."""
   if name not in HF_ACTIVATIONS:
     raise ValueError(f"config.json: {key}={name!r} is not supported "
                      f"(known: {', '.join(HF_ACTIVATIONS)})")
@@ -73,7 +75,7 @@ def hf_clip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
       num_heads=vision["num_attention_heads"],
       patch_size=vision["patch_size"], pool="cls", posemb="learn",
       pre_norm=True, patch_bias=False,
-      activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
+      activation=hf_activation(vision["hidden_act"], "vision_config.hidden_act"),
       layer_norm_epsilon=vision["layer_norm_eps"],
       frontend=dict(name="pixels", mean=list(CLIP_MEAN), std=list(CLIP_STD)))
   text_spec = dict(
@@ -85,7 +87,7 @@ def hf_clip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
       # Hugging Face reads the largest id where eos_token_id is the legacy
       # 2 (OpenAI's checkpoints), else the first eos_token_id.
       eos_id=None if eos == 2 else eos,
-      activation=_activation(text["hidden_act"], "text_config.hidden_act"),
+      activation=hf_activation(text["hidden_act"], "text_config.hidden_act"),
       layer_norm_epsilon=text["layer_norm_eps"])
   return {"model": {"encoders": {"image": image, "text": text_spec},
                     "projections": {"image": "linear", "text": "linear"},

@@ -19,6 +19,29 @@ import numpy as np
 from einops import rearrange
 
 
+class TrackedState(dict):
+  """A checkpoint's tensors (name -> array) that records which were read:
+  a missing one is a ValueError naming it (`what` says whose), and
+  `check_all_read()` names the first tensor nothing read."""
+
+  def __init__(self, state: Mapping[str, Any], what: str):
+    super().__init__(state)
+    self.what, self.read = what, set()
+
+  def __getitem__(self, name):
+    if name not in self:
+      raise ValueError(f"{self.what} lacks tensor {name!r}")
+    self.read.add(name)
+    return super().__getitem__(name)
+
+  def check_all_read(self, model: str):
+    """ValueError naming the first tensor with no place in `model`."""
+    left_over = [k for k in self if k not in self.read]
+    if left_over:
+      raise ValueError(f"{self.what} tensor {left_over[0]!r} has no place "
+                       f"in {model}")
+
+
 def torch_dense(state: Mapping[str, Any], name: str,
                 bias: bool = True) -> dict[str, Any]:
   """torch Linear `name` (weight [out, in], bias [out]) as a Flax Dense

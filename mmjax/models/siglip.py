@@ -62,14 +62,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.clip import encoder_blocks
-from mmjax.models.clip_config import HF_ACTIVATIONS
+from mmjax.models.clip import encoder_blocks, text_transformer_params
+from mmjax.models.clip_config import hf_activation
+from mmjax.models import factory
 from mmjax.models.contrastive import ContrastiveModel
-from mmjax.models.convert import (check_fits, load_safetensors, param_shapes,
-                                  split_heads, torch_dense, torch_norm)
-from mmjax.models.encoders.image import PixelNormalize
-from mmjax.models.encoders.text import TextTransformer
-from mmjax.models.encoders.vit import ViT
+from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
+                                  param_shapes, split_heads, torch_dense,
+                                  torch_norm)
 
 # SigLIP's image normalisation: [0, 1] -> [-1, 1].
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -86,13 +85,6 @@ _VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072,
                         num_channels=3, image_size=224, patch_size=16,
                         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                         vision_use_head=True)
-
-
-def _activation(name: str, key: str) -> str:
-  if name not in HF_ACTIVATIONS:
-    raise ValueError(f"config.json: {key}={name!r} is not supported "
-                     f"(known: {', '.join(HF_ACTIVATIONS)})")
-  return HF_ACTIVATIONS[name]
 
 
 def _side(value, key: str) -> int:
@@ -142,7 +134,8 @@ def hf_siglip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
       num_heads=vision["num_attention_heads"],
       patch_size=_side(vision["patch_size"], "vision_config.patch_size"),
       pool="map", posemb="learn", pre_norm=False, patch_bias=True,
-      activation=_activation(vision["hidden_act"], "vision_config.hidden_act"),
+      activation=hf_activation(vision["hidden_act"],
+                               "vision_config.hidden_act"),
       layer_norm_epsilon=vision["layer_norm_eps"],
       frontend=dict(name="pixels", mean=list(SIGLIP_MEAN),
                     std=list(SIGLIP_STD)))
@@ -152,7 +145,7 @@ def hf_siglip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
       num_heads=text["num_attention_heads"],
       mlp_dim=text["intermediate_size"],
       max_length=text["max_position_embeddings"], causal=False, pool="last",
-      activation=_activation(text["hidden_act"], "text_config.hidden_act"),
+      activation=hf_activation(text["hidden_act"], "text_config.hidden_act"),
       layer_norm_epsilon=text["layer_norm_eps"])
   return {"model": {"encoders": {"image": image, "text": text_spec},
                     "projections": {"image": "none", "text": "dense"},
@@ -192,16 +185,7 @@ def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],
   """
   state = {k: np.asarray(v, dtype) for k, v in state.items()
            if not k.endswith("position_ids")}
-  used = set()
-
-  class Tracking(dict):
-    def __getitem__(self, name):
-      if name not in self:
-        raise ValueError(f"checkpoint lacks tensor {name!r}")
-      used.add(name)
-      return super().__getitem__(name)
-
-  state = Tracking(state)
+  state = TrackedState(state, "checkpoint")
   image, text = (config["model"]["encoders"][m] for m in ("image", "text"))
   embeddings = "vision_model.embeddings"
   heads = image["num_heads"]
@@ -220,25 +204,15 @@ def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],
           "norm": torch_norm(state, f"{head}.layernorm"),
           "mlp": {"dense_0": torch_dense(state, f"{head}.mlp.fc1"),
                   "dense_1": torch_dense(state, f"{head}.mlp.fc2")}}}
-  transformer = {
-      "token_embedding": {"embedding": state[
-          "text_model.embeddings.token_embedding.weight"]},
-      "position_embedding": state[
-          "text_model.embeddings.position_embedding.weight"],
-      **encoder_blocks(state, "text_model", text["num_layers"], text["num_heads"],
-                "layer_"),
-      "norm_out": torch_norm(state, "text_model.final_layer_norm")}
+  transformer = text_transformer_params(state, text)
   params = {
       "log_scale": state["logit_scale"].reshape(()),
       "bias": state["logit_bias"].reshape(()),
       "tower_image": {"encoder": vit},
       "tower_text": {"encoder": transformer,
                      "projection": torch_dense(state, "text_model.head")}}
-  left_over = [k for k in state if k not in used]
-  if left_over:
-    raise ValueError(f"checkpoint tensor {left_over[0]!r} has no place in "
-                     "the SigLIP model of its config (more layers than "
-                     "num_hidden_layers?)")
+  state.check_all_read("the SigLIP model of its config (more layers than "
+                       "num_hidden_layers?)")
   return params
 
 
@@ -246,18 +220,11 @@ def build_siglip(config: Mapping[str, Any]) -> ContrastiveModel:
   """The `ContrastiveModel` of `hf_siglip_config(...)` (float32), whose
   parameter tree `convert_siglip` fills."""
   model = config["model"]
-  specs = {m: dict(s) for m, s in model["encoders"].items()}
-  frontend = specs["image"].pop("frontend")
-  encoders = {"image": ViT(**{k: v for k, v in specs["image"].items()
-                              if k != "name"}),
-              "text": TextTransformer(**{k: v for k, v in specs["text"].items()
-                                         if k != "name"})}
-  return ContrastiveModel(
-      modalities=("image", "text"), encoders=encoders,
-      frontends={"image": PixelNormalize(tuple(frontend["mean"]),
-                                         tuple(frontend["std"]))},
-      embed_dim=model["embed_dim"], objective=model["objective"],
-      projections=dict(model["projections"]))
+  return factory.build_contrastive(
+      modalities=("image", "text"), encoders=model["encoders"],
+      embed_dim=model["embed_dim"],
+      objective=model.get("objective", "softmax"),
+      projections=model["projections"])
 
 
 # ------------------------------------------------------------ big_vision ---

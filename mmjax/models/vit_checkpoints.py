@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.convert import (check_fits, load_safetensors, param_shapes,
-                                  split_heads, torch_dense, torch_norm)
+from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
+                                  param_shapes, split_heads, torch_dense,
+                                  torch_norm)
 from mmjax.models.encoders.vit import ViT
 
 # timm size names -> num_heads (timm's vision_transformer.py model defs).
@@ -169,16 +170,7 @@ def convert_timm_vit(state: Mapping[str, Any], config: Mapping[str, Any],
                 patch_bias="patch_embed.proj.bias" in state,
                 activation="quick_gelu" if "quickgelu" in arch else "gelu",
                 layer_norm_epsilon=layer_norm_epsilon)
-  used = set()
-
-  class Tracking(dict):
-    def __getitem__(self, name):
-      if name not in self:
-        raise ValueError(f"timm checkpoint lacks tensor {name!r}")
-      used.add(name)
-      return super().__getitem__(name)
-
-  state = Tracking(state)
+  state = TrackedState(state, "timm checkpoint")
   embedding = {"kernel": np.transpose(state["patch_embed.proj.weight"],
                                       (2, 3, 1, 0))}
   if kwargs["patch_bias"]:
@@ -210,10 +202,7 @@ def convert_timm_vit(state: Mapping[str, Any], config: Mapping[str, Any],
         "mlp": {"dense_0": torch_dense(state, f"{block}.mlp.fc1"),
                 "dense_1": torch_dense(state, f"{block}.mlp.fc2")}}
   params["encoder_norm"] = torch_norm(state, "norm")
-  left_over = [k for k in state if k not in used]
-  if left_over:
-    raise ValueError(f"timm checkpoint tensor {left_over[0]!r} has no place "
-                     "in the ViT")
+  state.check_all_read("the ViT")
   return kwargs, params
 
 
