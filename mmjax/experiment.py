@@ -28,7 +28,8 @@ from mmjax import (checkpoint, configs, evaluators, methods, objectives,
                    parallel, registry, results, rundir)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
-from mmjax.models import clip, generative, pretrained, siglip
+from mmjax.models import (clip, generative, pretrained, siglip,
+                          vit_checkpoints)
 from mmjax.models.convert import first_mismatch
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
@@ -285,17 +286,25 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
                     ContrastiveModel tree (`mmjax.models.clip`: Hugging
                     Face or open_clip), e.g. "tower_image";
     "siglip:<path>" the same of a SigLIP checkpoint (`mmjax.models.siglip`:
-                    Hugging Face or big_vision .npz).
+                    Hugging Face or big_vision .npz);
+    "vit:<path>"    a ViT encoder's weights, for a `ViT` subtree such as
+                    "tower_image/encoder" (`mmjax.models.vit_checkpoints`:
+                    timm safetensors or big_vision / AugReg .npz).
 
   `loaded` caches whole checkpoints between entries that name the same one.
   """
   if name.startswith(("run:", "clip:", "siglip:")):
     tree = _checkpoint(name, path, {} if loaded is None else loaded)
     return _subtree(tree, path, f"config key 'model.init.{path}': {name}")
+  if name.startswith("vit:"):
+    try:
+      return vit_checkpoints.load_vit(name[len("vit:"):])[1]
+    except (OSError, ValueError) as e:
+      raise UsageError(f"config key 'model.init.{path}': {e}") from e
   loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
   configs.check_choice(f"model.init.{path}", name,
                        [*loaders, "run:<workdir>", "clip:<dir>",
-                        "siglip:<path>"])
+                        "siglip:<path>", "vit:<path>"])
   return loaders[name]()
 
 

@@ -9,11 +9,14 @@ import json
 import pathlib
 import shutil
 
+import flax
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from mmjax import experiment
+from mmjax.errors import UsageError
 from mmjax.models import vit_checkpoints
 from mmjax.models.encoders.vit import ViT
 
@@ -151,3 +154,21 @@ def test_augreg_names_load_as_timm_converts_them(tmp_path):
   np.testing.assert_array_equal(loaded["pos_embedding"][:, 0], 0)
   np.testing.assert_array_equal(loaded["pos_embedding"][:, 1:],
                                 params["pos_embedding"][:, 1:])
+
+
+class Holder(flax.struct.PyTreeNode):
+  params: dict
+
+
+def test_model_init_vit_loads_an_encoder_subtree(tmp_path):
+  kwargs, loaded = vit_checkpoints.load_vit(FIXTURE)
+  params = {"tower_image": {"encoder": ViT(**kwargs).init(
+      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+      train=False)["params"]}}
+  state = experiment.load_pretrained(
+      Holder(params), {"tower_image/encoder": f"vit:{FIXTURE}"})
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(state.params["tower_image"]["encoder"]), loaded)
+  with pytest.raises(UsageError, match="model.init.tower_image/encoder"):
+    experiment.load_pretrained(
+        Holder(params), {"tower_image/encoder": f"vit:{tmp_path}"})

@@ -338,6 +338,14 @@ def convert_big_vision_vit(flat: Mapping[str, Any], dtype=np.float32
   return kwargs, params
 
 
+def load_vit(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(ViT kwargs, params) of a big_vision / AugReg `.npz` (a path ending in
+  .npz) or of a timm checkpoint (a directory or .safetensors file)."""
+  if str(path).endswith(".npz"):
+    return load_big_vision_vit(path)
+  return load_timm_vit(path)
+
+
 def load_big_vision_vit(path: str | os.PathLike, dtype=np.float32
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Loads a big_vision / AugReg ViT .npz (`convert_big_vision_vit`).
