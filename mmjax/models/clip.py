@@ -20,7 +20,7 @@ specs, projections, embed_dim, image size), to put in `config.model`;
 ({"tower_image": ..., "tower_text": ..., "log_scale": ...}), of which
 `config.model.init` entries "clip:DIR" take the subtree at their path:
 
-  config.model.update(clip.clip_config(DIR)["model"])
+  config.model.update(clip_config(DIR)["model"])
   config.model.init = {"tower_image": "clip:DIR", "tower_text": "clip:DIR",
                        "log_scale": "clip:DIR"}
   config.text.tokenizer = "clip:DIR"        # tokenizer.json (HF format)
@@ -59,13 +59,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.clip_config import (OPEN_CLIP_FILES, checkpoint_format,
-                                     clip_config)
 from mmjax.models import factory
+from mmjax.models.clip_config import (OPEN_CLIP_FILES, checkpoint_format,
+                                      clip_config)
 from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
                                   param_shapes, split_heads, torch_dense,
                                   torch_norm)
+
 
 def open_clip_to_hf(state: Mapping[str, Any]) -> dict[str, Any]:
   """open_clip CLIP tensors renamed (and fused q/k/v split) to `CLIPModel`'s.

@@ -62,9 +62,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models import factory
 from mmjax.models.clip import encoder_blocks, text_transformer_params
 from mmjax.models.clip_config import hf_activation
-from mmjax.models import factory
 from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
                                   param_shapes, split_heads, torch_dense,
