@@ -64,7 +64,7 @@ from mmjax.models.clip_config import (OPEN_CLIP_FILES, checkpoint_format,
                                       clip_config)
 from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
-                                  param_shapes, split_heads, torch_dense,
+                                  param_shapes, torch_attention, torch_dense,
                                   torch_norm)
 
 
@@ -129,18 +129,10 @@ def open_clip_to_hf(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def _attention(state, name, num_heads):
   """CLIP's q/k/v/out_proj Linears as nn.MultiHeadDotProductAttention's."""
-  params = {}
-  for ours, theirs in (("query", "q_proj"), ("key", "k_proj"),
-                       ("value", "v_proj")):
-    dense = torch_dense(state, f"{name}.{theirs}")
-    params[ours] = {
-        "kernel": split_heads(dense["kernel"], num_heads, "d (h k) -> d h k"),
-        "bias": split_heads(dense["bias"], num_heads, "(h k) -> h k")}
-  out = torch_dense(state, f"{name}.out_proj")
-  params["out"] = {"kernel": split_heads(out["kernel"], num_heads,
-                                         "(h k) d -> h k d"),
-                   "bias": out["bias"]}
-  return params
+  projections = [f"{name}.{p}_proj" for p in "qkv"]
+  return torch_attention([state[f"{p}.weight"] for p in projections],
+                         [state[f"{p}.bias"] for p in projections],
+                         torch_dense(state, f"{name}.out_proj"), num_heads)
 
 
 def encoder_blocks(state, prefix, count, num_heads, ours):

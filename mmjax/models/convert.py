@@ -52,6 +52,25 @@ def torch_dense(state: Mapping[str, Any], name: str,
   return params
 
 
+def torch_attention(weights, biases, out: Mapping[str, Any],
+                    num_heads: int) -> dict[str, Any]:
+  """torch query, key and value projections (weights [D, D] each, [out, in]
+  as torch stores them; biases [D]) and the output projection (a
+  `torch_dense` {"kernel" [D, D], "bias"}) as
+  nn.MultiHeadDotProductAttention's {query, key, value: kernel [D, H, D/H],
+  bias [H, D/H]; out: kernel [H, D/H, D], bias [D]}."""
+  params = {}
+  for ours, weight, bias in zip(("query", "key", "value"), weights, biases):
+    params[ours] = {
+        "kernel": split_heads(np.asarray(weight).T, num_heads,
+                              "d (h k) -> d h k"),
+        "bias": split_heads(np.asarray(bias), num_heads, "(h k) -> h k")}
+  params["out"] = {"kernel": split_heads(out["kernel"], num_heads,
+                                         "(h k) d -> h k d"),
+                   "bias": out["bias"]}
+  return params
+
+
 def torch_norm(state: Mapping[str, Any], name: str) -> dict[str, Any]:
   """torch LayerNorm `name` {weight, bias} as Flax's {"scale", "bias"}."""
   return {"scale": np.asarray(state[f"{name}.weight"]),

@@ -67,7 +67,7 @@ from mmjax.models.clip import encoder_blocks, text_transformer_params
 from mmjax.models.clip_config import hf_activation
 from mmjax.models.contrastive import ContrastiveModel
 from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
-                                  param_shapes, split_heads, torch_dense,
+                                  param_shapes, torch_attention, torch_dense,
                                   torch_norm)
 
 # SigLIP's image normalisation: [0, 1] -> [-1, 1].
@@ -157,18 +157,10 @@ def hf_siglip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 def _fused_attention(state, name, num_heads):
   """torch nn.MultiheadAttention `name` (in_proj_weight [3D, D],
   in_proj_bias [3D], out_proj) as nn.MultiHeadDotProductAttention's."""
-  weights = np.split(state[f"{name}.in_proj_weight"], 3, axis=0)
-  biases = np.split(state[f"{name}.in_proj_bias"], 3, axis=0)
-  params = {}
-  for ours, weight, bias in zip(("query", "key", "value"), weights, biases):
-    params[ours] = {
-        "kernel": split_heads(weight.T, num_heads, "d (h k) -> d h k"),
-        "bias": split_heads(bias, num_heads, "(h k) -> h k")}
-  out = torch_dense(state, f"{name}.out_proj")
-  params["out"] = {"kernel": split_heads(out["kernel"], num_heads,
-                                         "(h k) d -> h k d"),
-                   "bias": out["bias"]}
-  return params
+  return torch_attention(
+      np.split(state[f"{name}.in_proj_weight"], 3, axis=0),
+      np.split(state[f"{name}.in_proj_bias"], 3, axis=0),
+      torch_dense(state, f"{name}.out_proj"), num_heads)
 
 
 def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
-                                  param_shapes, split_heads, torch_dense,
+                                  param_shapes, torch_attention, torch_dense,
                                   torch_norm)
 from mmjax.models.encoders.vit import ViT
 
@@ -185,16 +185,9 @@ def convert_timm_vit(state: Mapping[str, Any], config: Mapping[str, Any],
     bias = (state[f"{block}.attn.qkv.bias"]
             if f"{block}.attn.qkv.bias" in state
             else np.zeros(qkv.shape[:1], dtype))
-    attention = {}
-    for ours, w, b in zip(("query", "key", "value"), np.split(qkv, 3),
-                          np.split(bias, 3)):
-      attention[ours] = {
-          "kernel": split_heads(w.T, num_heads, "d (h k) -> d h k"),
-          "bias": split_heads(b, num_heads, "(h k) -> h k")}
-    out = torch_dense(state, f"{block}.attn.proj")
-    attention["out"] = {"kernel": split_heads(out["kernel"], num_heads,
-                                              "(h k) d -> h k d"),
-                        "bias": out["bias"]}
+    attention = torch_attention(np.split(qkv, 3), np.split(bias, 3),
+                                torch_dense(state, f"{block}.attn.proj"),
+                                num_heads)
     params[f"block_{i}"] = {
         "norm_attention": torch_norm(state, f"{block}.norm1"),
         "attention": attention,
