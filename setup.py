@@ -34,7 +34,10 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "librosa>=0.10,<0.12", "tokenizers>=0.15",
                  "safetensors>=0.4", "matplotlib>=3.8", "jupytext>=1.16",
-                 "nbclient>=0.10", "ipykernel>=6"],
+                 "nbclient>=0.10", "ipykernel>=6", "submitit>=1.5,<2"],
+        # Sweeps through submitit: `python -m mmjax.sweep --launcher
+        # local|slurm` (LocalExecutor, SlurmExecutor).
+        "cluster": ["submitit>=1.5,<2"],
         # Experiment notebooks (experiments/*/*.py, jupytext percent format).
         "notebooks": ["matplotlib>=3.8", "jupytext>=1.16", "nbclient>=0.10",
                       "ipykernel>=6"],
