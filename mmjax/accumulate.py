@@ -45,15 +45,16 @@ Every gradient function has the signature
     mode on a batch [N, ...] (the global batch or a microbatch); updates are
     its mutable collections {"batch_stats": ..., "intermediates": ...}.
   objective(outputs, batch) -> (scalar loss, metrics dict).
-  batch: {key: [B, ...]}, sharded along B over the mesh's data axis.
+  batch: {key: [B, ...]}, sharded along B over the mesh's batch axes.
   rng: the step's key; microbatch j draws with `fold_in(rng, j)` (so its
     dropout masks are not those of k = 1), in both passes of the
     contrastive scheme, so a recomputed forward matches the cached one.
   grads: the parameters' tree; metrics: the objective's on the whole batch;
     updates and outputs: as forward's for the global batch [B, ...].
 
-Microbatches. The batch is sharded over the n devices of the data axis, each
-holding L = B / n consecutive rows; microbatch j takes rows j L/k ...
+Microbatches. The batch is sharded over the n blocks of the mesh's batch
+axes (`parallel.batch_axes`: data, or data x fsdp), each holding L = B / n
+consecutive rows; microbatch j takes rows j L/k ...
 (j + 1) L/k - 1 of every device's block (`split_batch`), so cutting
 [B, ...] into [k, b, ...] moves no data between devices and every microbatch
 is split evenly over all of them. B must be divisible by k * n (checked at
@@ -113,7 +114,7 @@ def gradient_fn(steps: int, *, whole_batch: bool = False, mesh=None):
   """The train step's gradient function (module docstring) for `steps`
   microbatches; `whole_batch` for an objective whose loss couples every
   example with the whole batch (`objectives.whole_batch`); `mesh` the
-  trainer's, whose data axis the batch is sharded over (None: one device)."""
+  trainer's, whose batch axes the batch is sharded over (None: one device)."""
   if not isinstance(steps, int) or steps < 1:
     raise ValueError(f"grad_accum_steps must be a positive int, got {steps!r}")
   if steps == 1:
@@ -202,7 +203,14 @@ def _microbatch_size(batch, steps: int) -> int:
 
 
 def _data_size(mesh) -> int:
-  return 1 if mesh is None else mesh.shape[parallel.DATA_AXIS]
+  """How many blocks the batch is split into (data x fsdp; 1 without a
+  mesh)."""
+  return 1 if mesh is None else parallel.batch_shards(mesh)
+
+
+def _batch_axis(mesh):
+  """The PartitionSpec entry of the batch axes (`parallel.batch_axis`)."""
+  return None if mesh is None else parallel.batch_axis(mesh)
 
 
 def _constrain(x, mesh, spec):
@@ -214,7 +222,7 @@ def _constrain(x, mesh, spec):
 def split_batch(batch, steps: int, mesh=None):
   """{key: [B, ...]} -> {key: [k, b, ...]}, b = B / k: microbatch j holds
   rows j L/k ... (j + 1) L/k - 1 of each device's L = B / n rows, so each
-  is split evenly over the n devices of the data axis without moving data.
+  is split evenly over the n batch shards of the mesh without moving data.
   """
   n = _data_size(mesh)
 
@@ -226,7 +234,7 @@ def split_batch(batch, steps: int, mesh=None):
           f"into {steps} microbatches split over {n} devices")
     x = x.reshape(n, steps, size // (n * steps), *x.shape[1:])
     x = jnp.swapaxes(x, 0, 1).reshape(steps, size // steps, *x.shape[3:])
-    return _constrain(x, mesh, P(None, parallel.DATA_AXIS))
+    return _constrain(x, mesh, P(None, _batch_axis(mesh)))
 
   return jax.tree.map(split, batch)
 
@@ -250,7 +258,7 @@ def merge_microbatches(tree, b: int, mesh=None):
     k = x.shape[0]
     x = x.reshape(k, n, b // n, *x.shape[2:])
     x = jnp.swapaxes(x, 0, 1).reshape(k * b, *x.shape[3:])
-    return _constrain(x, mesh, P(parallel.DATA_AXIS))
+    return _constrain(x, mesh, P(_batch_axis(mesh)))
 
   return jax.tree.map(merge, tree)
 

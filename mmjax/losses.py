@@ -19,6 +19,7 @@ SigLIP.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,16 +49,23 @@ def _replicate_batch(y: jnp.ndarray) -> jnp.ndarray:
   return y
 
 
-def _split_batch(a: jnp.ndarray, mesh: Mesh, axis_name: str) -> jnp.ndarray:
+def _axes(axis_name) -> tuple:
+  """A mesh axis name or a tuple of them -> the tuple."""
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _split_batch(a: jnp.ndarray, mesh: Mesh, axis_name) -> jnp.ndarray:
   """a [B, ...] resharded along the batch over an explicit-sharding mesh.
 
   shard_map under an explicit mesh requires its inputs to be sharded as its
   in_specs say; an unsharded array (e.g. in eager code) is split here. With
   an auto-sharding mesh shard_map reshards by itself and `a` is unchanged.
+  `axis_name`: a mesh axis or a tuple of them.
   """
-  axis_type = mesh.axis_types[mesh.axis_names.index(axis_name)]
+  explicit = any(mesh.axis_types[mesh.axis_names.index(name)]
+                 == AxisType.Explicit for name in _axes(axis_name))
   spec = jax.typeof(a).sharding.spec
-  if axis_type == AxisType.Explicit and (not spec or spec[0] != axis_name):
+  if explicit and (not spec or _axes(spec[0] or ()) != _axes(axis_name)):
     a = jax.sharding.reshard(a, NamedSharding(mesh, P(axis_name)))
   return a
 
@@ -147,12 +155,13 @@ def sigmoid_contrastive_loss(x: jnp.ndarray, y: jnp.ndarray,
 
 def sigmoid_contrastive_loss_ring(x: jnp.ndarray, y: jnp.ndarray,
                                   log_scale: jnp.ndarray, bias: jnp.ndarray,
-                                  mesh: Mesh, axis_name: str = "data"):
+                                  mesh: Mesh, axis_name="data"):
   """SigLIP loss computed in chunks around a ring of devices.
 
   The memory-efficient implementation of Zhai et al., "Sigmoid Loss for
   Language Image Pre-Training", ICCV 2023 (Section 3.3, Figure 1). With the
-  global batch split into n = mesh.shape[axis_name] blocks of b = B / n
+  global batch split into n blocks of b = B / n (n = mesh.shape[axis_name],
+  or the product over a tuple of axes)
   examples, each device first scores its local x against its local y
   (positives on the local diagonal), then n - 1 times passes its current y
   block to the next device (`jax.lax.ppermute`) and adds the all-negative
@@ -173,12 +182,15 @@ def sigmoid_contrastive_loss_ring(x: jnp.ndarray, y: jnp.ndarray,
     log_scale: scalar log temperature (replicated).
     bias: scalar bias (replicated).
     mesh: the device mesh; x and y are split along the batch over axis_name.
-    axis_name: the mesh axis the batch is split over.
+    axis_name: the mesh axis the batch is split over, or a tuple of them
+      (("data", "fsdp") on a data x fsdp x model mesh: the ring runs over
+      data * fsdp blocks in the order of the batch's sharding, and each
+      `model` group computes the same ring on its replica of the blocks).
 
   Returns:
     (loss, metrics): scalar loss and {"loss", "scale", "bias"}.
   """
-  num_blocks = mesh.shape[axis_name]
+  num_blocks = math.prod(mesh.shape[name] for name in _axes(axis_name))
   global_batch = x.shape[0]
   ring = [(i, (i + 1) % num_blocks) for i in range(num_blocks)]
   block_loss = jax.checkpoint(_sigmoid_block_loss, static_argnums=(4,))

@@ -15,7 +15,8 @@ The contrastive objectives read `outputs["embedding/<m>"]` [B, D] for every
 modality and average the loss over all pairs of towers (one pair for two
 towers; N-tower models as in Tian et al., "Contrastive Multiview Coding",
 ECCV 2020). They run on global arrays inside `jax.jit`, so the negatives are
-the whole global batch across devices. Their functions carry
+the whole global batch across devices (sigmoid_ring passes blocks around
+all the batch shards of the mesh, data x fsdp: `parallel.batch_axis`). Their functions carry
 `whole_batch = True` (`whole_batch(objective)`): an example's loss depends on
 every other example of the batch, so gradient accumulation must score the
 whole batch at once (`mmjax.accumulate`), while the supervised loss is a mean
@@ -28,7 +29,7 @@ import itertools
 import jax.numpy as jnp
 import optax
 
-from mmjax import losses
+from mmjax import losses, parallel
 
 
 def supervised(outputs, batch: dict, weights: dict | None = None):
@@ -122,9 +123,9 @@ def contrastive(name: str, mesh=None):
   elif name == "sigmoid":
     pair = lambda x, y, o: losses.sigmoid_contrastive_loss(
         x, y, o["log_scale"], o["bias"])
-  elif name == "sigmoid_ring":
+  elif name == "sigmoid_ring":  # the ring over all the batch's shards
     pair = lambda x, y, o: losses.sigmoid_contrastive_loss_ring(
-        x, y, o["log_scale"], o["bias"], mesh)
+        x, y, o["log_scale"], o["bias"], mesh, parallel.batch_axis(mesh))
   else:
     raise ValueError(f"unknown contrastive objective {name!r}")
   objective = functools.partial(_pairwise, pair)

@@ -104,7 +104,16 @@ def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
   config.remat = "none"
   config.scan_layers = False
 
+  # Parallelism (mmjax/parallel.py): the mesh over `mesh_devices` devices
+  # (0 = all), data x fsdp x model (-1 = the devices the others leave). The
+  # batch is split over data and fsdp; parameters and optimizer state over
+  # fsdp (and data too with sharding "fsdp"), attention heads and MLP hidden
+  # units over model (tensor parallelism). logical_rules: pairs (logical
+  # axis name, mesh axis or None) placed before parallel.LOGICAL_RULES,
+  # e.g. (("mlp", None),) keeps the MLPs whole.
   config.mesh_devices = 0  # 0 = all devices
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  config.logical_rules = ()
   config.sharding = "dp"
 
   config.log_every = 10 if smoke else log_every

@@ -34,8 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import (NO_REMAT, FeedForward, fp32_softmax_attention,
-                                 key_mask, remat, zero_masked)
+from mmjax.models.layers import (EMBED, HEADS, KV, NO_REMAT, FeedForward,
+                                 attention, fp32_softmax_attention, key_mask,
+                                 partitioned, remat, zero_masked)
 from mmjax.models.precision import Dtype
 
 POSITIONS = ("learned", "rotary")
@@ -77,7 +78,9 @@ class CausalSelfAttention(nn.Module):
 
   x [B, T, D] at `positions` [T] -> [B, T, D]. Projections "query", "key",
   "value" ([D, H, Dh]) and "out" ([H, Dh, D]), as flax's
-  MultiHeadDotProductAttention names them; float32 softmax.
+  MultiHeadDotProductAttention names them, with its logical axis names
+  (`mmjax.models.layers.attention`: the heads split by tensor parallelism);
+  float32 softmax.
 
   Attributes:
     num_heads: H (D must be divisible by it).
@@ -102,7 +105,10 @@ class CausalSelfAttention(nn.Module):
     head_dim = width // self.num_heads
     dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    q, k, v = (dense((self.num_heads, head_dim), name=n)(x)
+    kernel, bias = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+    q, k, v = (dense((self.num_heads, head_dim), name=n,
+                     kernel_init=partitioned(kernel, EMBED, HEADS, KV),
+                     bias_init=partitioned(bias, HEADS, KV))(x)
                for n in ("query", "key", "value"))
     if self.positions == "rotary":
       q, k = rotary(q, positions), rotary(k, positions)
@@ -130,7 +136,9 @@ class CausalSelfAttention(nn.Module):
     y = fp32_softmax_attention(q, k, v, mask=mask, dropout_rng=dropout_rng,
                                dropout_rate=self.dropout,
                                deterministic=not train, dtype=self.dtype)
-    return dense(width, axis=(-2, -1), name="out")(y)
+    return dense(width, axis=(-2, -1), name="out",
+                 kernel_init=partitioned(kernel, HEADS, KV, EMBED),
+                 bias_init=partitioned(bias, EMBED))(y)
 
 
 class DecoderBlock(nn.Module):
@@ -174,10 +182,9 @@ class DecoderBlock(nn.Module):
     if self.cross_attention:
       if context is None:
         raise ValueError("a cross-attention decoder block needs `context`")
-      attend = nn.MultiHeadDotProductAttention(
-          self.num_heads, attention_fn=fp32_softmax_attention,
-          dropout_rate=self.dropout, deterministic=not train,
-          name="cross_attention", **precision)
+      attend = attention(self.num_heads, dropout_rate=self.dropout,
+                         deterministic=not train, name="cross_attention",
+                         **precision)
       mask = key_mask(context_valid, x.shape[1], context.shape[1])
       update = attend(norm("norm_cross")(x), norm("norm_context")(context),
                       mask=mask)

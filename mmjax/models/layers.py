@@ -1,11 +1,14 @@
-"""Small layers shared by every model, attention with a float32 softmax, and
-rematerialisation of blocks by policy name.
+"""Small layers shared by every model, attention with a float32 softmax,
+rematerialisation of blocks by policy name, and the logical axis names of
+their parameters (tensor parallelism, `mmjax.parallel`).
 
 Every module here takes `dtype` (compute) and `param_dtype` (storage) as
 flax.linen's layers do (`mmjax.models.precision`); the defaults, float32,
 compute exactly what the modules computed before they had them.
 """
 
+import contextlib
+import contextvars
 import functools
 import inspect
 from collections.abc import Sequence
@@ -16,6 +19,47 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from mmjax.models.precision import Dtype
+
+# -------------------------------------------------- logical axis names ---
+
+# Names of parameter axes, mapped to mesh axes by `mmjax.parallel`'s
+# LOGICAL_RULES: "embed" the model width D, "heads" attention heads H, "kv"
+# the head dimension Dh, "mlp" feed-forward hidden units F, "layers" the
+# stacked layer axis of `scan_blocks`.
+EMBED, HEADS, KV, MLP_AXIS, LAYERS = "embed", "heads", "kv", "mlp", "layers"
+
+_BOXED = contextvars.ContextVar("mmjax_logical_axes", default=False)
+
+
+@contextlib.contextmanager
+def logical_axes():
+  """Within this context, `partitioned` initialisers box their parameters
+  with logical axis names (`nn.LogicallyPartitioned`), so that
+  `jax.eval_shape(model.init, ...)` tells every parameter's names
+  (`nn.get_partition_spec`); `experiment.create_train_state` initialises
+  inside it and unboxes (`nn.meta.unbox`). Outside it (the default) the
+  initialisers return plain arrays: `model.init` gives the parameter tree of
+  plain arrays that checkpoints and pretrained loaders hold. The values are
+  the same either way."""
+  token = _BOXED.set(True)
+  try:
+    yield
+  finally:
+    _BOXED.reset(token)
+
+
+def partitioned(init, *names: str | None):
+  """`init` (a flax initialiser (key, shape, dtype) -> array) whose output
+  carries the logical axis `names`, one per dimension of the parameter
+  (`nn.with_logical_partitioning`), inside `logical_axes()`; outside, the
+  plain array. The names are checked against the rank when the mesh
+  shardings are made (`mmjax.parallel.param_shardings`)."""
+  boxed = nn.with_logical_partitioning(init, names)
+
+  def initialise(*args, **kwargs):
+    return (boxed if _BOXED.get() else init)(*args, **kwargs)
+  return initialise
+
 
 # --------------------------------------------------------------- remat ---
 
@@ -122,14 +166,15 @@ def scan_blocks(block: nn.Module, x: jnp.ndarray, length: int,
   the stack is, and a rematerialised block then saves only each layer's
   input between the forward and the backward pass (a loop the compiler
   cannot fuse across layers). `call_kwargs` (masks, `train`) are the same
-  for every layer.
+  for every layer. The stacked axis is named "layers" (`logical_axes`).
   """
   def step(module, carry, _):
     return module(carry, **call_kwargs), None
 
   scanned = nn.scan(step, variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
-                    length=length)
+                    length=length,
+                    metadata_params={nn.PARTITION_NAME: LAYERS})
   x, _ = scanned(block, x, None)
   return x
 
@@ -166,10 +211,23 @@ def attention(num_heads: int, *, dtype: Dtype = jnp.float32,
   """`nn.MultiHeadDotProductAttention` computing in `dtype` with a float32
   softmax (`fp32_softmax_attention`), parameters in `param_dtype`; with a
   remat policy, its rematerialised form (same parameters). `kwargs` go to
-  the module (name, dropout_rate, deterministic, kernel_init, ...)."""
+  the module (name, dropout_rate, deterministic, kernel_init, ...).
+
+  Its parameters carry logical axis names (`partitioned`): query, key and
+  value kernels [D, H, Dh] ("embed", "heads", "kv") and biases [H, Dh], the
+  out kernel [H, Dh, D] ("heads", "kv", "embed") and bias [D], so that
+  tensor parallelism splits the heads (`mmjax.parallel.LOGICAL_RULES`)."""
+  kernel_init = kwargs.pop("kernel_init", nn.initializers.lecun_normal())
+  bias_init = kwargs.pop("bias_init", nn.initializers.zeros_init())
+  out_kernel_init = kwargs.pop("out_kernel_init", None) or kernel_init
+  out_bias_init = kwargs.pop("out_bias_init", None) or bias_init
   return remat(nn.MultiHeadDotProductAttention, remat_policy)(
       num_heads=num_heads, dtype=dtype, param_dtype=param_dtype,
-      attention_fn=fp32_softmax_attention, **kwargs)
+      attention_fn=fp32_softmax_attention,
+      kernel_init=partitioned(kernel_init, EMBED, HEADS, KV),
+      bias_init=partitioned(bias_init, HEADS, KV),
+      out_kernel_init=partitioned(out_kernel_init, HEADS, KV, EMBED),
+      out_bias_init=partitioned(out_bias_init, EMBED), **kwargs)
 
 
 # -------------------------------------------------------------- layers ---
@@ -263,6 +321,8 @@ class FeedForward(nn.Module):
 
   [..., D] -> [..., D] in `dtype`; parameters in `param_dtype`. The
   activation is an `ACTIVATIONS` name: the exact (erf) GELU by default.
+  Kernels [D, F] ("embed", "mlp") and [F, D] ("mlp", "embed"), biases [F]
+  and [D] (`partitioned`): tensor parallelism splits the hidden units.
   """
   mlp_dim: int
   dropout: float = 0.0
@@ -275,9 +335,15 @@ class FeedForward(nn.Module):
     width = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    x = activation_fn(self.activation)(dense(self.mlp_dim, name="dense_0")(x))
+    kernel, bias = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+    hidden = dense(self.mlp_dim, name="dense_0",
+                   kernel_init=partitioned(kernel, EMBED, MLP_AXIS),
+                   bias_init=partitioned(bias, MLP_AXIS))(x)
+    x = activation_fn(self.activation)(hidden)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return dense(width, name="dense_1")(x)
+    return dense(width, name="dense_1",
+                 kernel_init=partitioned(kernel, MLP_AXIS, EMBED),
+                 bias_init=partitioned(bias, EMBED))(x)
 
 
 class TransformerBlock(nn.Module):
