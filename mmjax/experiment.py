@@ -34,7 +34,7 @@ from mmjax.models.convert import first_mismatch
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
 from mmjax.models.fusion import FUSIONS
-from mmjax.models.layers import REMAT_POLICIES
+from mmjax.models.layers import REMAT_POLICIES, logical_axes
 from mmjax.models.multimodal import MISSING, UNIMODAL_HEADS
 from mmjax.models.precision import DTYPES
 
@@ -65,6 +65,9 @@ def check_config(config):
   configs.check_choice("optimizer.schedule", config.optimizer.schedule,
                        SCHEDULES)
   configs.check_choice("sharding", config.sharding, parallel.STRATEGIES)
+  parallel.mesh_rules(None, config.get("logical_rules", ()))
+  if config.get("mesh") is not None:  # names and sizes; the device count
+    parallel.mesh_shape(config.mesh)  # when the mesh is made
   # Precision and memory (mmjax.models.precision, mmjax.models.layers).
   configs.check_choice("dtype", config.get("dtype", "float32"), DTYPES)
   configs.check_choice("param_dtype", config.get("param_dtype", "float32"),
@@ -108,15 +111,20 @@ def check_config(config):
   if accum > 1:  # each microbatch splits evenly over the data axis
     local_batch = config.batch_size // jax.process_count()
     devices = config.get("mesh_devices", 0) or jax.device_count()
+    batch_shards = devices  # what the batch splits over: data x fsdp
+    if config.get("mesh") is not None and devices <= jax.device_count():
+      shape = parallel.mesh_shape(config.mesh, devices)
+      batch_shards = shape[parallel.DATA_AXIS] * shape[parallel.FSDP_AXIS]
     if local_batch % accum:
       raise UsageError(f"config key 'grad_accum_steps' ({accum}) must divide "
                        f"the per-process batch size {local_batch}")
-    if (devices <= jax.device_count() and config.batch_size % devices == 0
-        and config.batch_size // accum % devices):
+    where = (f"{devices} devices" if batch_shards == devices else
+             f"{batch_shards} batch shards (data x fsdp)")
+    if (devices <= jax.device_count() and config.batch_size % batch_shards == 0
+        and config.batch_size // accum % batch_shards):
       raise UsageError(f"config key 'grad_accum_steps' ({accum}): a "
                        f"microbatch of {config.batch_size // accum} examples "
-                       f"is not divisible by the {devices} devices of the "
-                       "mesh")
+                       f"is not divisible by the {where} of the mesh")
   if not 0 <= config.optimizer.warmup_steps < config.total_steps:
     raise UsageError(f"config key 'optimizer.warmup_steps' "
                      f"({config.optimizer.warmup_steps}) must be below "
@@ -340,25 +348,37 @@ def create_train_state(config, model, tx, batch_spec, mesh,
                        method: methods.Method | None = None):
   """Shape-first initialisation: (state, state shardings).
 
-  The state's shapes come from `jax.eval_shape`, its shardings from them, and
-  the jitted initialiser writes each array straight into its sharding.
+  The state's shapes and its parameters' logical axis names ("embed",
+  "heads", "mlp", ...: `mmjax.models.layers.logical_axes`) come from
+  `jax.eval_shape`; the shardings from them (`parallel.param_shardings`:
+  heads and hidden units along `model`, FSDP, the rules of
+  `config.logical_rules` first; the optimizer state as its parameter), and
+  the jitted initialiser writes each array straight into its sharding,
+  unboxed: the parameters are plain arrays with the tree of `model.init`.
   """
   method = method or methods.Method()
 
-  def init(rng):
+  def init(rng):  # the parameters boxed with their logical axis names
     batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
     variables = model.init({"params": rng, "dropout": rng}, batch, train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=rng,
-                      nonfinite_step=jnp.full((), -1, jnp.int32),
+                      opt_state=tx.init(flax.linen.meta.unbox(params)),
+                      rng=rng, nonfinite_step=jnp.full((), -1, jnp.int32),
                       method_state=method.init_state())
 
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = parallel.state_shardings(abstract, mesh, config.sharding)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  with logical_axes():
+    boxed = jax.eval_shape(init, rng)
+    abstract = flax.linen.meta.unbox(boxed)
+    params = parallel.param_shardings(
+        abstract.params, flax.linen.get_partition_spec(boxed.params), mesh,
+        config.sharding, config.get("logical_rules", ()))
+    shardings = parallel.state_shardings(abstract, mesh, config.sharding,
+                                         params=params)
+    state = jax.jit(lambda rng: flax.linen.meta.unbox(init(rng)),
+                    out_shardings=shardings)(rng)
   return state, shardings
 
 
@@ -473,7 +493,7 @@ def _build(config, training: bool) -> Experiment:
   if not config.dataset.startswith(("tfds:", "wds:")):  # built here
     rundir.check_directory(config.data_dir or pipeline.default_data_dir(),
                            "config key 'data_dir':")
-  mesh = parallel.make_mesh(config.mesh_devices)
+  mesh = parallel.make_mesh(config.mesh_devices, config.get("mesh"))
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   eval_sources = {s: pipeline.data_source(config, s)
