@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from mmjax import configs
+from mmjax import configs, distributed
 from mmjax.errors import UsageError
 
 INTERRUPTED = 130  # exit status after SIGINT (128 + 2), as a shell reports it
@@ -45,12 +45,14 @@ CONFIG_FLAGS = {
     "--workdir": "the run's directory: checkpoints, metrics.jsonl, "
                  "config.json, tensorboard/",
 }
+# Multi-host runs (`mmjax.distributed`): every process runs the same command.
+RUN_FLAGS = {**CONFIG_FLAGS, **distributed.FLAGS}
 TRAIN = Program(
     "train", "usage: python -m mmjax.train --config configs/X.py[:ARGS] "
-    "--workdir DIR [--config.KEY=VALUE ...]", CONFIG_FLAGS)
+    "--workdir DIR [--config.KEY=VALUE ...]", RUN_FLAGS)
 EVALUATE = Program(
     "evaluate", "usage: python -m mmjax.evaluate --config configs/X.py[:ARGS] "
-    "--workdir DIR [--config.KEY=VALUE ...]", CONFIG_FLAGS)
+    "--workdir DIR [--config.KEY=VALUE ...]", RUN_FLAGS)
 
 
 def parse_flags(argv: Sequence[str], program: Program
@@ -138,7 +140,9 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
   message the same way and returns its status. KeyboardInterrupt (SIGINT,
   also when the process was started with SIGINT ignored, as a shell does for
   a background job): 130. JAX's persistent compilation cache is on
-  (`mmjax.hardware.enable_compilation_cache`).
+  (`mmjax.hardware.enable_compilation_cache`). A program with the
+  multi-host flags starts `jax.distributed` first where they or the
+  environment describe a cluster (`mmjax.distributed.initialize`).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--help" in argv or "-h" in argv:
@@ -147,9 +151,12 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
   signal.signal(signal.SIGINT, signal.default_int_handler)
   quiet_libraries()
   from mmjax import hardware  # pylint: disable=import-outside-toplevel
-  hardware.enable_compilation_cache()
   errors = {UsageError: 2, **(errors or {})}
   try:
+    if "--coordinator" in program.flags:  # before anything touches a device
+      options, _ = parse_flags(argv, program)
+      distributed.initialize(*(options.get(f[2:]) for f in distributed.FLAGS))
+    hardware.enable_compilation_cache()
     return run(argv) or 0
   except tuple(errors) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -5,11 +5,16 @@
 
 Prints one JSON object, {"step": N, "eval/<dataset>/<evaluator>/<metric>":
 value, ...}, for every split in `config.eval_splits` (names as in training).
+A multi-host evaluation (`--coordinator ...`, or a cluster JAX detects, as
+for `mmjax.train`) runs the same command on every process; process 0
+prints.
 """
 
 import json
 import sys
 from collections.abc import Sequence
+
+import jax
 
 from mmjax import checkpoint, cli, experiment, rundir
 from mmjax.errors import UsageError
@@ -40,7 +45,9 @@ def evaluate(config, workdir: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   def run(args):
-    print(json.dumps(evaluate(*cli.parse_command_line(args, cli.EVALUATE))))
+    result = evaluate(*cli.parse_command_line(args, cli.EVALUATE))
+    if jax.process_index() == 0:  # one line however many processes
+      print(json.dumps(result))
 
   return cli.main(run, cli.EVALUATE, argv)
 

@@ -30,12 +30,13 @@ from mmjax import cli, evaluate, experiment, objectives, parallel
 from mmjax.data import pipeline
 from mmjax.data.builders._common import FSDD_RATE  # mmjax's audio: 8 kHz
 from mmjax.errors import UsageError
+from mmjax.evaluators.classification import _host
 
 GENERATE = cli.Program(
     "generate", "usage: python -m mmjax.generate --config configs/X.py[:ARGS] "
     "--workdir DIR [--split SPLIT] [--image FILE.png] [--audio FILE.wav] "
     "[--prompt TEXT] [--num_examples N] [--config.KEY=VALUE ...]",
-    {**cli.CONFIG_FLAGS,
+    {**cli.RUN_FLAGS,
      "--split": "the split to generate for (default: the first eval split)",
      "--image": "an image file (PNG, JPEG) to caption or ask about",
      "--audio": "a WAV file at the dataset's sample rate",
@@ -149,8 +150,8 @@ def generate(config, workdir: str, options: dict) -> tuple[pathlib.Path,
     batch = file_batch(config, spec, options, tokenizer)
     size = run.mesh.size  # one example, repeated over the mesh
     batch = {k: np.repeat(v, size, 0) for k, v in batch.items()}
-    tokens = run.predict(state, parallel.put_batch(
-        batch, parallel.batch_sharding(run.mesh)))["tokens"]
+    tokens = _host(run.predict(state, parallel.put_batch(
+        batch, parallel.batch_sharding(run.mesh)))["tokens"])
     rows.append({"index": 0, "inputs": {m: options[m] for m in
                                         ("image", "audio") if options.get(m)},
                  "prompt": options.get("prompt", ""),
@@ -161,8 +162,8 @@ def generate(config, workdir: str, options: dict) -> tuple[pathlib.Path,
     if options.get("num_examples"):
       split = f"{split.partition('[')[0]}[:{int(options['num_examples'])}]"
     for batch in run.eval_batches(run.data_source(split)):
-      tokens = jax.device_get(run.predict(state, batch)["tokens"])
-      host = jax.device_get(batch)
+      tokens = _host(run.predict(state, batch)["tokens"])  # every process's
+      host = jax.tree.map(_host, batch)
       generations = _texts(tokenizer, tokens)
       for i in np.flatnonzero(host["valid"]):
         references = host["text"][i]
@@ -195,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--num_examples takes a positive integer, got "
                          f"{options['num_examples']!r}") from None
     path, rows = generate(config, options["workdir"], options)
+    if jax.process_index():  # process 0 writes and prints for all
+      return
     for row in rows[:int(options.get("print") or 5)]:
       shown = {k: row[k] for k in ("index", "prompt", "generation",
                                    "references") if row.get(k)}

@@ -3,7 +3,9 @@
 `RunLock(workdir)` holds an advisory `fcntl.flock` on `<workdir>/.lock` for
 as long as the run lives; the kernel drops it when the process ends, however
 it ends (SIGKILL included), so a killed run never leaves it stuck. The file
-holds the holder's pid, for the message a second run gets.
+holds the holder's pid, for the message a second run gets. Process i > 0 of
+a multi-host run locks `.lock.<i>`, so that each process of a second run on
+the same directory finds its counterpart holding the lock.
 
 `check_resume(workdir, config)` compares a new config with the one saved in
 `<workdir>/config.json`: keys that change the model, the data or the
@@ -52,9 +54,10 @@ def check_directory(path, what: str = "--workdir"):
 class RunLock:
   """`with RunLock(workdir): ...`: UsageError if another run holds it."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, process_index: int = 0):
     self.workdir = pathlib.Path(workdir)
-    self.path = self.workdir / LOCK_FILE
+    self.path = self.workdir / (f"{LOCK_FILE}.{process_index}"
+                                if process_index else LOCK_FILE)
     self._fd = None
 
   def acquire(self):

@@ -32,7 +32,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from mmjax import (accumulate, checkpoint, cli, experiment, hardware,
                    methods, metric_writers, objectives, parallel, rundir)
@@ -52,7 +54,12 @@ PREEMPTED = 143  # exit status after SIGTERM (128 + 15)
 
 class SigtermFlag:
   """Records SIGTERM instead of dying of it, while the `with` block runs
-  (in the main thread; elsewhere Python handles no signals)."""
+  (in the main thread; elsewhere Python handles no signals).
+
+  `any_process()` is whether any process of the run received it: the
+  processes of a multi-host run agree, after every step, whether to save
+  and stop, so that none starts a step the others do not.
+  """
 
   def __init__(self):
     self.received = False
@@ -65,6 +72,12 @@ class SigtermFlag:
 
   def _handle(self, *_):
     self.received = True
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.received
+    return bool(multihost_utils.process_allgather(
+        np.array(self.received)).any())
 
   def __exit__(self, *_):
     if self._previous is not None:
@@ -131,7 +144,7 @@ def train(config, workdir: str, start_time: float | None = None
   Returns (the final state, the final evaluation's metrics).
   """
   start_time = start_time or time.time()
-  with rundir.RunLock(workdir), SigtermFlag() as sigterm:
+  with rundir.RunLock(workdir, jax.process_index()), SigtermFlag() as sigterm:
     return _train(config, workdir, start_time, sigterm)
 
 
@@ -234,10 +247,11 @@ def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
         writer.write(step, row)
         interval_start, interval_steps, accumulated = time.time(), 0, None
       # Checkpoint first: a run stopped during its evaluation keeps the step.
-      if step % config.checkpoint_every == 0 or done or sigterm.received:
+      stop = sigterm.any_process()
+      if step % config.checkpoint_every == 0 or done or stop:
         check_finite(state, workdir)
         ckpt.save(step, state, data.get_state())
-      if sigterm.received and not done:
+      if stop and not done:
         ckpt.wait()
         raise Preempted(f"SIGTERM: stopped after step {step}, saved in "
                         f"{ckpt.directory}; the same command resumes")

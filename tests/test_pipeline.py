@@ -67,6 +67,64 @@ def test_eval_batches_cover_the_split_once_with_padding():
   assert valid.sum() == 20 and sorted(seen[valid].tolist()) == list(range(20))
 
 
+def process_batches(make, process_count, n):
+  """n batches of each of `process_count` simulated processes, each
+  process's rows concatenated in process order: the global batches."""
+  iterators = [iter(make(i, process_count)) for i in range(process_count)]
+  return [{k: np.concatenate([np.asarray(b[k]) for b in parts])
+           for k in parts[0]}
+          for parts in (tuple(next(it) for it in iterators)
+                        for _ in range(n))]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_global_train_batches_do_not_depend_on_the_process_count(workers):
+  sharding = parallel.batch_sharding(parallel.make_mesh(1))
+  make = lambda i, n: pipeline.TrainIterator(source(), config(workers),
+                                             sharding, i, n)
+  one, two, four = (process_batches(make, n, 12) for n in (1, 2, 4))
+  assert [ids(b) for b in one] == [ids(b) for b in two] == [
+      ids(b) for b in four]
+  assert len(next(make(1, 2))["label"]) == 4  # each process: its rows only
+
+
+def test_train_position_resumes_with_another_process_count():
+  sharding = parallel.batch_sharding(parallel.make_mesh(1))
+  it = pipeline.TrainIterator(source(), config(), sharding)
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  assert state["process_count"] == 1
+  expected = [ids(next(it)) for _ in range(3)]
+
+  def resumed(i, n):
+    fresh = pipeline.TrainIterator(source(), config(), sharding, i, n)
+    fresh.set_state(state)
+    return fresh
+  assert [ids(b) for b in process_batches(resumed, 2, 3)] == expected
+  legacy = pipeline.TrainIterator(source(), config(), sharding)
+  legacy.set_state(state["iterator"])  # checkpoints before the count
+  assert [ids(next(legacy)) for _ in range(3)] == expected
+
+
+@pytest.mark.parametrize("size", [21, 3])
+def test_eval_batches_of_processes_are_the_single_process_batches(size):
+  sharding = parallel.batch_sharding(parallel.make_mesh(1))
+  make = lambda i, n: pipeline.EvalBatches(source(size), config(), 8,
+                                           sharding, i, n)
+  one = list(make(0, 1))
+  for n in (2, 4):
+    parts = [list(make(i, n)) for i in range(n)]
+    assert {len(p) for p in parts} == {len(one)} == {-(-size // 8)}
+    two = process_batches(make, n, len(one))
+    for a, b in zip(one, two):
+      assert a.keys() == b.keys()
+      for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), b[k])
+  valid = np.concatenate([np.asarray(b["valid"]) for b in one])
+  assert valid.sum() == size
+
+
 def test_fit_length():
   np.testing.assert_array_equal(pipeline.fit_length(np.arange(3), 5),
                                 [0, 1, 2, 0, 0])

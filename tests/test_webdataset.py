@@ -169,7 +169,7 @@ def test_two_processes_read_disjoint_shards_and_cover_each_epoch(
 
 def test_shard_count_not_divisible_strides_examples(pattern):
   source = pipeline.data_source(config(pattern), "train")
-  shares = [[r["key"] for r in pipeline.local_share(source, i, 3)]
+  shares = [[r["key"] for r in source.process_share(i, 3)]
             for i in range(3)]
   assert [len(s) for s in shares] == [22, 22, 22]
   assert sorted(sum(shares, [])) == [source[i]["key"] for i in range(TRAIN)]
@@ -302,3 +302,10 @@ def test_repack_cli_writes_once_and_never_overwrites(tmp_path, data_dir,
   assert [p.read_bytes() for p in shards] == before
   assert wds.main(["repack", "--out", str(tmp_path), "--shards", "x"]) == 2
   assert capsys.readouterr().err.startswith("error: argument --shards")
+
+
+def test_position_refuses_another_process_count(pattern):
+  it = train_iterator(pattern, 0, 2)
+  next(it)
+  with pytest.raises(UsageError, match="saved by 2 processes"):
+    train_iterator(pattern, 0, 1).set_state(it.get_state())

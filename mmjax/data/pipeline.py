@@ -308,26 +308,36 @@ def _text_fields(ds: grain.MapDataset, config) -> grain.MapDataset:
       tuple((config.text.get("lengths") or {}).items())))
 
 
-def local_share(source, process_index: int, process_count: int
-                ) -> grain.MapDataset:
-  """This process's disjoint share of `source`: the source's own
-  `process_share(i, n)` where it has one (webdataset: shards i::n), else
-  every n-th example from i."""
-  if hasattr(source, "process_share"):
-    return source.process_share(process_index, process_count)
-  return grain.MapDataset.source(source)[process_index::process_count]
-
-
 class TrainIterator:
-  """Endless sharded training batches with a checkpointable position."""
+  """Endless sharded training batches with a checkpointable position.
+
+  Global batches do not depend on the number of processes: the whole source
+  is shuffled with the same seed on every process, cut into global batches
+  of `config.batch_size`, and process i of n reads rows [i*b, (i+1)*b) of
+  each (b = batch_size / n), which `put_batch` places on process i's
+  devices. So a run on 2 hosts trains on the same batches, in the same
+  order, as on 1, and may resume with another process count. A source that
+  assigns itself to processes (`process_share`, webdataset's shards per
+  process) is instead shuffled within each process's share; its position
+  only resumes with the process count that saved it.
+
+  `get_state()` is {"iterator": grain's state, "process_count": n}: the
+  same on every process (the count of global batches read), so process 0
+  saves it for all.
+  """
 
   def __init__(self, source, config, sharding, process_index: int = 0,
                process_count: int = 1, seed: int | None = None):
     """seed: the shuffle's seed (default `config.seed`)."""
     local_batch = config.batch_size // process_count
-    ds = local_share(source, process_index, process_count)
+    self._own_share = hasattr(source, "process_share")
+    self._process_count = process_count
+    ds = (source.process_share(process_index, process_count)
+          if self._own_share else grain.MapDataset.source(source))
     ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
     ds = train_transforms(ds, config).batch(local_batch, drop_remainder=True)
+    if not self._own_share:  # this process's slice of every global batch
+      ds = ds[process_index::process_count]
     ds = ds.to_iter_dataset(TRAIN_READ_OPTIONS)
     if config.data_workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
@@ -344,10 +354,19 @@ class TrainIterator:
     return parallel.put_batch(next(self._iterator), self._sharding)
 
   def get_state(self) -> dict:
-    return self._iterator.get_state()
+    return {"iterator": self._iterator.get_state(),
+            "process_count": self._process_count}
 
   def set_state(self, state: dict):
-    self._iterator.set_state(state)
+    """Restores a `get_state()` (or, from checkpoints written before it
+    recorded the process count, grain's state alone)."""
+    saved_count = state.get("process_count", self._process_count)
+    if self._own_share and saved_count != self._process_count:
+      raise UsageError(
+          f"the data position was saved by {saved_count} processes; this "
+          f"dataset assigns its shards to processes, so it resumes only with "
+          f"{saved_count} processes (this run has {self._process_count})")
+    self._iterator.set_state(state.get("iterator", state))
 
 
 class EvalBatches:
@@ -355,27 +374,40 @@ class EvalBatches:
 
   Iterating again starts a new pass, so several evaluators can read the same
   split. The last batch is padded to full size with zero examples; every batch
-  has a boolean "valid" [B] that is False on padding.
+  has a boolean "valid" [B] that is False on padding. With n processes,
+  process i holds rows [i*b, (i+1)*b) of each batch (b = batch_size / n), so
+  the global batches are those of one process, padding included, and every
+  process yields the same number of batches, ceil(len(source) / batch_size).
   """
 
   def __init__(self, source, config, batch_size: int, sharding,
                process_index=0, process_count=1):
     self._local_batch = batch_size // process_count
+    self._num_batches = -(-len(source) // batch_size)
     self._sharding = sharding
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)
     if config.get("image_size"):
       ds = ds.map(ResizeImage(config.image_size))
     if config.get("text") and config.text.get("captions_key"):
       ds = ds.map(AllCaptions(text_tokenizer(config),
                               config.text.num_captions,
                               config.text.captions_key))
-    self._dataset = (
+    chunks = (
         _text_fields(ds, config)
         .map(Preprocess(tuple(config.modalities), config.audio_length))
         .batch(self._local_batch, drop_remainder=False))
+    self._first_chunk = chunks  # chunk 0: the padding's shapes and dtypes
+    self._dataset = chunks[process_index::process_count]
+
+  def _padding(self) -> dict:
+    """A batch of only padding, for a process whose rows are past the end."""
+    return {k: np.zeros((0,) + np.shape(v)[1:], np.asarray(v).dtype)
+            for k, v in self._first_chunk[0].items()}
 
   def __iter__(self) -> Iterator[dict]:
-    for batch in self._dataset.to_iter_dataset():
+    batches = iter(self._dataset.to_iter_dataset())
+    for _ in range(self._num_batches):
+      batch = next(batches, None) or self._padding()
       n = len(next(iter(batch.values())))
       batch["valid"] = np.ones(n, bool)
       if n < self._local_batch:

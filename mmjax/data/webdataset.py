@@ -44,8 +44,10 @@ Processes. `TrainIterator` asks the source for this process's share
 (`process_share`): with n processes and a shard count that n divides, process
 i reads shards i::n only; otherwise every process reads every n-th example of
 all shards (balanced to within one example). Either way the shares are
-disjoint and together the whole split. Evaluation always takes every n-th
-example, so that every process runs the same number of eval batches.
+disjoint and together the whole split, but the global batches depend on n,
+so a position resumes only with the process count that saved it.
+Evaluation reads the split in order, each process its rows of every global
+batch (`pipeline.EvalBatches`), as for any source.
 
 Bad input raises `mmjax.errors.UsageError` naming the file or the config key:
 no shard matching the pattern, a shard that is not an uncompressed tar or is

@@ -45,7 +45,7 @@ import numpy as np
 
 from mmjax import registry
 from mmjax.evaluators.captioning import captioning
-from mmjax.evaluators.classification import classification
+from mmjax.evaluators.classification import _host, classification
 from mmjax.evaluators.linear_probe import linear_probe
 from mmjax.evaluators.missing_modality import missing_modality
 from mmjax.evaluators.retrieval import retrieval
@@ -115,7 +115,7 @@ def _in_chunks(predict_fn, text: np.ndarray) -> np.ndarray:
     chunk = text[start:start + size]
     real = len(chunk)
     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, 0)])
-    out.append(np.asarray(predict_fn({"text": chunk})["embedding/text"])[:real])
+    out.append(_host(predict_fn({"text": chunk})["embedding/text"])[:real])
   return np.concatenate(out)
 
 
