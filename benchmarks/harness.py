@@ -69,7 +69,7 @@ class MmjaxStep:
 
   def __init__(self, config, batch: dict, run=None):
     if run is None:
-      mesh = parallel.make_mesh(config.mesh_devices)
+      mesh = parallel.make_mesh(config.mesh_devices, config.get("mesh"))
       model = experiment.build_model(config)
       tx, _ = experiment.build_optimizer(config)
       spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)

@@ -69,7 +69,7 @@ def accum_rows():
             "mask/audio": (np.bool_, (128,), 0),
             "label": (np.int32, (128,), 10)}
   batch = harness.seeded_batch(shapes)
-  mesh = parallel.make_mesh(config.mesh_devices)
+  mesh = parallel.make_mesh(config.mesh_devices, config.get("mesh"))
   model = experiment.build_model(config)
   tx, _ = experiment.build_optimizer(config)
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}

@@ -198,7 +198,8 @@ def leaf_spec(shape: Sequence[int], mesh: Mesh, strategy: str = "dp",
   axes (`fsdp_axes`) on its largest dimension that is not split yet and is
   divisible by their size. P() for a replicated array."""
   spec = [_entry(a for a in _axes_of(e) if mesh.shape[a] > 1)
-          for e in tuple(tensor_spec)] + [None] * (len(shape) - len(tensor_spec))
+          for e in tuple(tensor_spec)]
+  spec += [None] * (len(shape) - len(spec))
   axes = fsdp_axes(mesh, strategy)
   n = math.prod(mesh.shape[a] for a in axes)
   if axes and np.prod(shape, dtype=np.int64) >= min_fsdp_size:
@@ -223,6 +224,10 @@ def mesh_rules(mesh: Mesh | None, rules: Sequence = ()) -> tuple:
       raise UsageError(f"config key 'logical_rules': {rule!r} is not a pair "
                        "(logical axis name, mesh axes)")
     name, target = rule
+    if target is not None and not isinstance(target, (str, tuple, list)):
+      raise UsageError(f"config key 'logical_rules': the mesh axes of "
+                       f"'{name}' must be a name, a tuple of names or None, "
+                       f"got {target!r}")
     unknown = [a for a in _axes_of(target) if a not in MESH_AXES]
     if unknown:
       raise UsageError(f"config key 'logical_rules': mesh axis '{unknown[0]}' "
@@ -312,10 +317,11 @@ def state_shardings(abstract_state, mesh: Mesh, strategy: str = "dp",
   """Shardings for every leaf of an abstract (eval_shape) state.
 
   params: the parameters' shardings (`param_shardings`), or None. A leaf
-  whose path ends with a parameter's path (the parameter itself, Adam's mu
-  and nu of it: `optax` states hold trees of the parameters' structure) and
-  that the parameter's sharding can split gets that sharding; every other
-  leaf `leaf_spec`'s (FSDP or replicated).
+  whose path ends with a parameter's path (its trailing dictionary keys
+  end with the parameter's: the parameter itself, Adam's mu and nu of it,
+  since `optax` states hold trees of the parameters' structure; the
+  longest such path wins) and that the parameter's sharding can split gets
+  that sharding; every other leaf `leaf_spec`'s (FSDP or replicated).
   """
   fsdp_axes(mesh, strategy)  # checks the strategy's name
   by_path = {}
@@ -326,7 +332,7 @@ def state_shardings(abstract_state, mesh: Mesh, strategy: str = "dp",
   def leaf_sharding(path, leaf):
     shape = tuple(getattr(leaf, "shape", ()))
     suffix = _dict_suffix(path)
-    for start in range(len(suffix)):
+    for start in range(len(suffix)):  # the longest match first
       sharding = by_path.get(suffix[start:])
       if sharding is not None and _fits(sharding, shape):
         return sharding

@@ -145,3 +145,64 @@ def test_replicated(mesh):
   assert len(x.addressable_shards) == NUM_DEVICES
   for shard in x.addressable_shards:
     np.testing.assert_array_equal(np.asarray(shard.data), np.arange(4.0))
+
+
+# ------------------------------------------- data x fsdp x model meshes ---
+
+
+@pytest.fixture(scope="module")
+def mesh3():
+  return parallel.make_mesh(0, {"data": 2, "fsdp": 2, "model": 2})
+
+
+def test_leaf_spec_adds_fsdp_to_tensor_parallel_axes(mesh3):
+  model = parallel.MODEL_AXIS
+  # A 64 x 256 kernel split by model on 256: fsdp takes the 64.
+  assert parallel.leaf_spec((64, 256), mesh3, "dp", 2**14,
+                            P(None, model)) == P(parallel.FSDP_AXIS, model)
+  # Strategy fsdp splits over data and fsdp together.
+  assert parallel.leaf_spec((64, 256), mesh3, "fsdp", 2**14,
+                            P(None, model)) == P(("data", "fsdp"), model)
+  assert parallel.leaf_spec((8, 8), mesh3, "dp", 2**14,
+                            P(model)) == P(model, None)
+  assert parallel.leaf_spec((8, 8), mesh3) == P()
+  # Mesh axes of size 1 are left out: 8 x 1 x 1 shards as the 1-D mesh.
+  flat = parallel.make_mesh(0, {"data": 8})
+  assert parallel.leaf_spec((64, 256), flat, "dp", 2**14, P(None, model)) == P()
+  assert parallel.leaf_spec((64, 256), flat, "fsdp") == P(None, "data")
+
+
+def test_batch_axes_of_both_meshes(mesh, mesh3):
+  assert parallel.batch_axis(mesh) == parallel.DATA_AXIS
+  assert parallel.batch_shards(mesh) == NUM_DEVICES
+  assert parallel.batch_axis(mesh3) == ("data", "fsdp")
+  assert parallel.batch_shards(mesh3) == 4
+  batch = parallel.put_batch({"x": np.arange(8.0)},
+                             parallel.batch_sharding(mesh3))["x"]
+  # Each model pair of devices holds the same 2 rows.
+  rows = {d.id: s.index[0].start for s in batch.addressable_shards
+          for d in [s.device]}
+  devices = mesh3.devices.reshape(4, 2)
+  for i, pair in enumerate(devices):
+    assert {rows[d.id] for d in pair} == {2 * i}
+
+
+def test_optimizer_state_takes_its_parameters_sharding(mesh3):
+  leaf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  params = {"dense": {"kernel": leaf(64, 256), "bias": leaf(256)},
+            "scale": leaf(64)}
+  logical = {"dense": {"kernel": P("embed", "mlp"), "bias": P("mlp")},
+             "scale": P()}
+  shardings = parallel.param_shardings(params, logical, mesh3)
+  spec = lambda s: s.spec
+  assert jax.tree.map(spec, shardings) == {
+      "dense": {"kernel": P("fsdp", "model"), "bias": P("model")},
+      "scale": P()}
+  import optax  # pylint: disable=import-outside-toplevel
+  state = {"params": params,
+           "opt_state": jax.eval_shape(optax.adam(1e-3).init, params)}
+  got = parallel.state_shardings(state, mesh3, params=shardings)
+  adam = got["opt_state"][0]
+  assert adam.mu == shardings and adam.nu == shardings
+  assert got["params"] == shardings
+  assert adam.count.spec == P()
