@@ -21,6 +21,7 @@ from mmjax import configs, distributed
 from mmjax.errors import UsageError
 
 INTERRUPTED = 130  # exit status after SIGINT (128 + 2), as a shell reports it
+PREEMPTED = 143  # mmjax.train's exit status after SIGTERM (128 + 15)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,7 +142,7 @@ LEADING = ("name", "status", "error", "attempts", "steps", "total_steps",
 TRAILING = ("num_params", "train_flops_per_example", "examples_per_sec",
             "wall_time_s", "machine")
 INTERRUPTED = cli.INTERRUPTED  # exit status after Ctrl-C
-PREEMPTED = 143  # mmjax.train's exit status after SIGTERM (128 + 15)
+PREEMPTED = cli.PREEMPTED  # mmjax.train's exit status after SIGTERM
 
 
 # ------------------------------------------------------------------- grid ---

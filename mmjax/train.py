@@ -1,7 +1,13 @@
 """Trains a model from a config: `python -m mmjax.train`.
 
   python -m mmjax.train --config configs/avmnist.py[:ARGS] --workdir DIR \
-      [--config.KEY=VALUE ...]
+      [--config.KEY=VALUE ...] \
+      [--coordinator HOST:PORT --num_processes N --process_id I]
+
+Multi-host: every process runs the same command (`mmjax.distributed` starts
+jax.distributed from the flags or from the cluster JAX detects); each reads
+its rows of every global batch, all take part in each checkpoint, and
+process 0 writes the logs.
 
 Running the same command again resumes from the latest checkpoint in
 DIR/checkpoints: parameters, optimizer state, RNG, step and the data
@@ -17,7 +23,9 @@ Kubernetes eviction, cloud maintenance) lets the current step finish, saves
 a checkpoint of it and exits with status 143 (128 + SIGTERM, as a shell
 reports a process that SIGTERM ended), so that a scheduler requeues the job
 (`#SBATCH --requeue`; a batch script can requeue on 143 with `scontrol
-requeue $SLURM_JOB_ID`) and the same command resumes bit-identically.
+requeue $SLURM_JOB_ID`) and the same command resumes bit-identically. The
+processes of a multi-host run agree after every step whether any of them
+received SIGTERM, so that they save the same step and all exit with 143.
 SIGINT stops at once and keeps the latest periodic checkpoint (status 130).
 
 The run's parts come from `mmjax.experiment`; training methods change the
@@ -49,7 +57,7 @@ class Preempted(Exception):
   """SIGTERM arrived; the step it interrupted was finished and saved."""
 
 
-PREEMPTED = 143  # exit status after SIGTERM (128 + 15)
+PREEMPTED = cli.PREEMPTED  # exit status after SIGTERM (128 + 15)
 
 
 class SigtermFlag:
