@@ -321,7 +321,10 @@ def load_pretrained(state: TrainState, inits) -> TrainState:
 
   `inits` maps a parameter path ("tower_text/encoder") to a pretrained
   checkpoint name (`pretrained_weights`); weights that do not fit give a
-  UsageError naming the first mismatched parameter.
+  UsageError naming the first mismatched parameter. A learned ViT position
+  embedding of another grid size is resampled to the model's
+  (`vit_checkpoints.resample_posemb`), so a checkpoint fine-tunes at
+  another image size.
   """
   params = jax.tree.map(lambda x: x, state.params)  # fresh containers
   loaded = {}
@@ -332,6 +335,8 @@ def load_pretrained(state: TrainState, inits) -> TrainState:
       raise UsageError(f"config key 'model.init': the model has no "
                        f"parameters at '{path}'")
     old, new = node[leaf], pretrained_weights(path, name, loaded)
+    if isinstance(old, dict):  # a ViT at another image size
+      new = vit_checkpoints.fit_posembs(old, new)
     mismatch = (first_mismatch(old, new, path) if isinstance(old, dict) else
                 None if np.shape(new) == old.shape else
                 f"{path}: expected shape {old.shape}, got {np.shape(new)}")

@@ -172,3 +172,40 @@ def test_model_init_vit_loads_an_encoder_subtree(tmp_path):
   with pytest.raises(UsageError, match="model.init.tower_image/encoder"):
     experiment.load_pretrained(
         Holder(params), {"tower_image/encoder": f"vit:{tmp_path}"})
+
+
+def test_position_embedding_is_resampled_for_another_image_size():
+  # A linear ramp over the grid stays a ramp under bilinear resampling,
+  # corners on corners; the class token's row is kept.
+  side, width = 4, 3
+  yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+  ramp = np.stack([yy, xx, yy + 2 * xx], -1).reshape(1, side * side, width)
+  posemb = np.concatenate([np.full((1, 1, width), 7.0), ramp], 1)
+  out = vit_checkpoints.resample_posemb(posemb.astype(np.float32), 1 + 7 * 7)
+  assert out.shape == (1, 50, width) and out.dtype == np.float32
+  np.testing.assert_array_equal(out[0, 0], posemb[0, 0])
+  t = np.linspace(0, side - 1, 7)
+  yy, xx = np.meshgrid(t, t, indexing="ij")
+  np.testing.assert_allclose(
+      out[0, 1:], np.stack([yy, xx, yy + 2 * xx], -1).reshape(49, width),
+      atol=1e-5)
+  np.testing.assert_array_equal(
+      vit_checkpoints.resample_posemb(posemb, posemb.shape[1]), posemb)
+  with pytest.raises(ValueError, match="cannot resample 17 positions to 12"):
+    vit_checkpoints.resample_posemb(posemb, 12)
+
+
+def test_model_init_vit_at_another_image_size_resamples_positions():
+  kwargs, loaded = vit_checkpoints.load_vit(FIXTURE)  # 32 px: 4x4 patches
+  params = {"tower_image": {"encoder": ViT(**kwargs).init(
+      jax.random.key(0), np.zeros((1, 48, 48, 3), np.float32),
+      train=False)["params"]}}
+  state = experiment.load_pretrained(
+      Holder(params), {"tower_image/encoder": f"vit:{FIXTURE}"})
+  got = jax.device_get(state.params["tower_image"]["encoder"])
+  assert got["pos_embedding"].shape == (1, 1 + 6 * 6, 32)
+  np.testing.assert_array_equal(
+      got["pos_embedding"],
+      vit_checkpoints.resample_posemb(loaded["pos_embedding"], 37))
+  rest = lambda tree: {k: v for k, v in tree.items() if k != "pos_embedding"}
+  jax.tree.map(np.testing.assert_array_equal, rest(got), rest(loaded))

@@ -359,3 +359,52 @@ def load_big_vision_vit(path: str | os.PathLike, dtype=np.float32
                                                jnp.float32), train=False)
   check_fits(params, expected, f"the ViT of {path}")
   return kwargs, params
+
+
+def _grid_side(tokens: int) -> int | None:
+  side = int(round(tokens**0.5))
+  return side if side * side == tokens else None
+
+
+def resample_posemb(posemb: np.ndarray, positions: int) -> np.ndarray:
+  """A learned position embedding [1, N, D] resampled to [1, positions, D],
+  for a ViT at another image size than its checkpoint's (big_vision's
+  `resample_posemb`, Dosovitskiy et al. 2021 section 3.2): a leading class
+  token's row is kept; the square grid of the others is resized by bilinear
+  interpolation (scipy.ndimage.zoom, order 1). ValueError if either count
+  is not a square grid, with or without one class token."""
+  n = posemb.shape[1]
+  for extra in (0, 1):
+    old, new = _grid_side(n - extra), _grid_side(positions - extra)
+    if old and new:
+      break
+  else:
+    raise ValueError(f"pos_embedding: cannot resample {n} positions to "
+                     f"{positions} (neither is a square grid with the same "
+                     "class token)")
+  import scipy.ndimage  # pylint: disable=import-outside-toplevel
+  grid = np.asarray(posemb[0, extra:], np.float64).reshape(old, old, -1)
+  grid = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
+  return np.concatenate(
+      [np.asarray(posemb[0, :extra], np.float64),
+       grid.reshape(new * new, -1)])[None].astype(posemb.dtype)
+
+
+def fit_posembs(target: Mapping[str, Any], loaded: Mapping[str, Any]
+                ) -> Mapping[str, Any]:
+  """`loaded` (a parameter tree) with every "pos_embedding" [1, N, D] whose
+  N differs from `target`'s at the same path resampled to the target's
+  (`resample_posemb`); the rest unchanged."""
+  if not isinstance(loaded, Mapping) or not isinstance(target, Mapping):
+    return loaded
+  out = {}
+  for key, value in loaded.items():
+    old = target.get(key)
+    if (key == "pos_embedding" and old is not None and np.ndim(value) == 3
+        and np.shape(old)[0::2] == np.shape(value)[0::2]
+        and np.shape(old)[1] != np.shape(value)[1]):
+      value = resample_posemb(np.asarray(value), np.shape(old)[1])
+    elif isinstance(value, Mapping):
+      value = fit_posembs(old if isinstance(old, Mapping) else {}, value)
+    out[key] = value
+  return out
