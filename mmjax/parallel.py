@@ -108,8 +108,9 @@ def mesh_shape(axes: Mapping[str, int], num_devices: int | None = None
   if free and num_devices % fixed == 0:
     shape[free[0]] = num_devices // fixed
   elif free or fixed != num_devices:
+    devices = "device" if num_devices == 1 else "devices"
     raise UsageError(f"config key 'mesh': axis sizes {sizes} do not multiply "
-                     f"to the {num_devices} devices of the mesh")
+                     f"to the {num_devices} {devices} of the mesh")
   return shape
 
 
