@@ -92,5 +92,11 @@ def initialize(coordinator: str | None = None,
     return False
   if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):  # else: theirs
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:  # e.g. no coordinator answered
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = kwargs.get("coordinator_address", "the cluster's coordinator")
+    raise UsageError(f"jax.distributed could not start with {where} "
+                     f"({n} processes): {first[:300]}") from None
   return True
