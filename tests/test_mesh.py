@@ -340,3 +340,33 @@ def test_check_config_validates_the_mesh():
   with pytest.raises(UsageError, match=r"microbatch of 2 examples is not "
                      r"divisible by the 4 batch shards \(data x fsdp\)"):
     experiment.check_config(config)
+
+
+def test_scanned_layers_keep_their_logical_names():
+  """With scan_layers the stacked axis is "layers" (not split) and the
+  heads and hidden units are split as in the unrolled layout."""
+  config = make_config("softmax")
+  model = build_contrastive(
+      modalities=("image", "text"),
+      encoders={"image": {**VIT, "depth": 2, "scan_layers": True,
+                          "pool": "gap"},
+                "text": {**BERT, "pool": "mean"}},
+      embed_dim=16, objective="softmax")
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+          for k, v in make_batch().items()}
+  tx, _ = experiment.build_optimizer(config)
+  mesh = parallel.make_mesh(0, MESHES["1x1x8"])
+  got = {}
+
+  def build():
+    state, got["shardings"] = experiment.create_train_state(config, model,
+                                                            tx, spec, mesh)
+    return state
+
+  params = flat(jax.eval_shape(build).params)
+  shardings = flat(got["shardings"].params)
+  key = "tower_image/encoder/blocks/mlp/dense_0/kernel"
+  assert params[key].shape == (2, WIDTH, MLP)
+  assert shardings[key].spec == P(None, None, parallel.MODEL_AXIS)
+  query = "tower_image/encoder/blocks/attention/query/kernel"
+  assert shardings[query].spec == P(None, None, parallel.MODEL_AXIS, None)
