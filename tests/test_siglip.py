@@ -1,18 +1,26 @@
 """SigLIP checkpoints (mmjax.models.siglip) against transformers.
 
 The fixture tests/data/siglip_tiny_hf was written by transformers'
-SiglipModel (tests/data/make_siglip_fixtures.py) with its embeddings, so
-the parity check runs without torch.
+SiglipModel (tests/data/make_siglip_fixtures.py) with its embeddings, and
+its SentencePiece tokenizer with SiglipTokenizer's ids of tricky texts
+(tokenizer_reference.json), so the parity checks run without torch; the
+live tokenizer check runs where transformers is installed.
 """
 
+import importlib.util
 import json
 import pathlib
+import random
 import shutil
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
+from mmjax.data import pipeline
+from mmjax.data.tokenizer import siglip_tokenizer
+from mmjax.errors import UsageError
 from mmjax.models import siglip
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "siglip_tiny_hf"
@@ -185,3 +193,118 @@ def test_big_vision_npz_with_what_the_modules_lack_is_refused(tmp_path):
   with pytest.raises(ValueError, match="encoderblock_0/LayerScale_0 has no "
                      "place"):
     siglip.load_siglip(tmp_path / "siglip.npz")
+
+
+# -------------------------------------------------------------- tokenizer ---
+
+
+def tokenizer_reference():
+  return json.loads((FIXTURE / "tokenizer_reference.json").read_text(
+      encoding="utf-8"))
+
+
+def test_tokenizer_gives_siglip_tokenizers_ids():
+  pytest.importorskip("sentencepiece")
+  ref = tokenizer_reference()
+  tokenizer = siglip_tokenizer(FIXTURE, ref["max_length"])
+  assert (tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id,
+          tokenizer.unk_id) == (100, 1, 1, 2)
+  ids, mask = tokenizer(ref["texts"])
+  assert ids.dtype == np.int32 and ids.shape == (20, 16)
+  np.testing.assert_array_equal(ids, ref["input_ids"])
+  np.testing.assert_array_equal(mask, np.asarray(ref["attention_mask"], bool))
+  texts = ref["texts"]
+  assert ids[texts.index(""), 0] == tokenizer.eos_id  # just the end token
+  assert mask[texts.index("")].sum() == 1
+  long = texts.index(next(t for t in texts if "very very" in t))
+  assert ids[long, -1] == tokenizer.eos_id and mask[long].all()  # cut
+  # Canonicalised: case and punctuation do not matter.
+  same, _ = tokenizer(["Hello, World!", "hello world", "HELLO...WORLD"])
+  assert (same[0] == same[1]).all() and not (same[0] == same[2]).all()
+  assert tokenizer.decode(ids[-4:-1]) == [
+      "a kitchen with a stove and a sink", "people standing on a street",
+      "a pizza on a plate on a table next to a laptop"]
+
+
+def test_tokenizer_text_embeddings_match_siglipmodel():
+  """mmjax's ids through the converted model: SiglipModel's embeddings of
+  SiglipTokenizer's ids, end to end."""
+  pytest.importorskip("sentencepiece")
+  ref = tokenizer_reference()
+  ids, _ = siglip_tokenizer(FIXTURE, ref["max_length"])(ref["texts"])
+  config, params = siglip.load_siglip(FIXTURE)
+  images = np.zeros((len(ids), 64, 64, 3), np.uint8)
+  out = siglip.build_siglip(config).apply(
+      {"params": params}, {"image": images, "text": ids})
+  diff, cosine = parity(out["embedding/text"], ref["text_embeds"])
+  assert diff < 1e-5 and cosine > 1 - 1e-6, (diff, cosine)
+
+
+def test_tokenizer_config_names_and_errors(tmp_path, monkeypatch):
+  pytest.importorskip("sentencepiece")
+  config = lambda name: ml_collections_config(name, 16)
+  tokenizer = pipeline.text_tokenizer(config(f"siglip:{FIXTURE}"))
+  assert tokenizer.max_length == 16 and tokenizer.vocab_size == 100
+  by_file = pipeline.text_tokenizer(config(f"siglip:{FIXTURE}/spiece.model"))
+  np.testing.assert_array_equal(by_file(["a cat"])[0], tokenizer(["a cat"])[0])
+  with pytest.raises(UsageError, match="spiece.model does not exist"):
+    pipeline.text_tokenizer(config(f"siglip:{tmp_path}"))
+  with pytest.raises(UsageError, match="known: minilm, bytes, clip:DIR, "
+                     "siglip:PATH"):
+    pipeline.text_tokenizer(config("sentencepiece"))
+  (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+  shutil.copy(FIXTURE / "spiece.model", tmp_path)
+  cased = siglip_tokenizer(tmp_path, 16)
+  assert not (cased(["THE"])[0] == tokenizer(["THE"])[0]).all()
+  with pytest.raises(TypeError, match="not one string"):
+    tokenizer("one string")
+  monkeypatch.setitem(__import__("sys").modules, "sentencepiece", None)
+  with pytest.raises(UsageError, match="pip install sentencepiece"):
+    pipeline.text_tokenizer(config(f"siglip:{FIXTURE}"))
+
+
+def test_tokenizer_big_vision_style():
+  """big_vision's tokenize(eos="sticky", pad_value=1, lower=True):
+  punctuation kept, the end id kept when cut."""
+  pytest.importorskip("sentencepiece")
+  tokenizer = siglip_tokenizer(FIXTURE, 8, style="big_vision")
+  ids, mask = tokenizer(["A Cat.", "", "a man riding a wave on a board"])
+  assert ids[1].tolist() == [1] * 8 and mask[1].sum() == 1
+  assert ids[2, -1] == 1 and mask[2].all()
+  assert tokenizer(["a cat"])[0][0, :3].tolist() == [3, 49, 1]
+  assert tokenizer(["A CAT"])[0][0, :3].tolist() == [3, 49, 1]
+  assert tokenizer(["a cat."])[0][0, 2] == tokenizer.unk_id  # "." unknown
+  with pytest.raises(ValueError, match="style must be one of"):
+    siglip_tokenizer(FIXTURE, 8, style="t5")
+
+
+def ml_collections_config(name, length):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict()
+  config.text = ml_collections.ConfigDict(
+      {"tokenizer": name, "max_length": length})
+  return config
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(p)
+            for p in ("transformers", "sentencepiece")),
+    reason="needs transformers and sentencepiece")
+def test_tokenizer_matches_siglip_tokenizer_live():
+  from transformers import SiglipTokenizer  # pylint: disable=import-outside-toplevel
+  reference = SiglipTokenizer.from_pretrained(FIXTURE)
+  ref = tokenizer_reference()
+  rng = random.Random(0)
+  alphabet = (list("abcdefghijklmnopqrstuvwxyz ABCXYZ.,!?'\"-\t\n\u2581üé🐶<>/s")
+              + ["</s>", "<unk>", "  ", "a man", "ing"])
+  texts = ref["texts"] + ["".join(rng.choice(alphabet) for _ in range(
+      rng.randint(0, 30))) for _ in range(300)]
+  tokenizer = siglip_tokenizer(FIXTURE, 16)
+  ids, mask = tokenizer(texts)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "This sequence already has </s>"
+    for i, text in enumerate(texts):
+      want = reference(text, padding="max_length", truncation=True,
+                       max_length=16)
+      assert ids[i].tolist() == want["input_ids"], text
+      assert mask[i].astype(int).tolist() == want["attention_mask"], text

@@ -203,22 +203,27 @@ def _strings(values) -> list[str]:
 
 def text_tokenizer(config):
   """The tokenizer named by `config.text.tokenizer`: "minilm" (WordPiece of
-  all-MiniLM-L6-v2), "bytes" (UTF-8 bytes, `ByteTokenizer`) or "clip:DIR"
+  all-MiniLM-L6-v2), "bytes" (UTF-8 bytes, `ByteTokenizer`), "clip:DIR"
   (the CLIP BPE of a checkpoint directory's tokenizer.json,
-  `clip_tokenizer`)."""
+  `clip_tokenizer`) or "siglip:PATH" (the SentencePiece model of a SigLIP
+  checkpoint directory's spiece.model, or a .model file, as Hugging Face's
+  SiglipTokenizer; `siglip_tokenizer`)."""
   # pylint: disable-next=import-outside-toplevel
-  from mmjax.data.tokenizer import clip_tokenizer, minilm_tokenizer
+  from mmjax.data.tokenizer import (clip_tokenizer, minilm_tokenizer,
+                                    siglip_tokenizer)
   name, length = config.text.tokenizer, config.text.max_length
   if name == "bytes":
     return ByteTokenizer(length)
-  if name.startswith("clip:"):
-    try:
-      return clip_tokenizer(name[len("clip:"):], length)
-    except (OSError, ValueError) as e:
-      raise UsageError(f"config key 'text.tokenizer': {e}") from e
+  for prefix, make in (("clip:", clip_tokenizer),
+                       ("siglip:", siglip_tokenizer)):
+    if name.startswith(prefix):
+      try:
+        return make(name[len(prefix):], length)
+      except (ImportError, OSError, ValueError) as e:
+        raise UsageError(f"config key 'text.tokenizer': {e}") from e
   if name != "minilm":
     raise UsageError(f"unknown text.tokenizer '{name}' (known: minilm, "
-                     "bytes, clip:DIR)")
+                     "bytes, clip:DIR, siglip:PATH)")
   return minilm_tokenizer(length)
 
 

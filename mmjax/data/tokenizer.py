@@ -4,12 +4,17 @@
                       optional `tokenizers` package (`pip install -e ".[text]"`).
   ByteTokenizer       UTF-8 bytes (ByT5), no vocabulary file.
   minilm_tokenizer    all-MiniLM-L6-v2's WordPiece (`mmjax.assets`).
+  HuggingFaceTokenizer, CLIPTokenizer  a tokenizer.json (GPT-2's, CLIP's BPE).
+  SiglipTokenizer     SigLIP's SentencePiece spiece.model, as Hugging Face's
+                      SiglipTokenizer; needs the optional `sentencepiece`.
 """
 
 from collections.abc import Sequence
 import json
 import os
 import pathlib
+import re
+import string
 
 import numpy as np
 
@@ -280,3 +285,177 @@ class CLIPTokenizer(HuggingFaceTokenizer):
 
 
 clip_tokenizer = CLIPTokenizer
+
+
+def _sentencepiece():
+  try:
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("SiglipTokenizer needs the `sentencepiece` package: "
+                      "pip install sentencepiece") from e
+  return sentencepiece
+
+
+SPIECE_UNDERLINE = "\u2581"  # SentencePiece's word-start mark "▁"
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+SIGLIP_STYLES = ("hf", "big_vision")
+
+
+class SiglipTokenizer:
+  """SigLIP's SentencePiece tokeniser: B strings -> ids int32, mask bool
+  [B, L], from the `spiece.model` of a Hugging Face SigLIP checkpoint
+  directory (or the .model file itself).
+
+  Kudo and Richardson, "SentencePiece: A simple and language independent
+  subword tokenizer and detokenizer for Neural Text Processing", EMNLP 2018
+  (demo), with the T5 vocabulary layout that SigLIP's c4_en model uses
+  (Zhai et al., ICCV 2023): pad 0, end "</s>" 1, unknown "<unk>" 2. Needs
+  the optional `sentencepiece` package (`pip install sentencepiece`).
+
+  style "hf" is Hugging Face `SiglipTokenizer(...)(texts,
+  padding="max_length", truncation=True, max_length=L)`, id for id
+  (tests/test_siglip.py): the text gets a leading "▁" (a "▁" in it becomes
+  a space); the special strings "</s>" and "<unk>" in it become their ids,
+  the whitespace around them dropped; every other piece of it is
+  canonicalised as big_vision's zero-shot prompts are
+  (`canonicalize_text`: lower-cased unless tokenizer_config.json says
+  do_lower_case false, ASCII punctuation removed, whitespace runs made one
+  space, stripped) and encoded after an "<unk>" prefix whose pieces are then
+  dropped (as Hugging Face does, so its quirks are kept: leading whitespace
+  gives an extra "▁"); then the ids are cut to L - 1, the end id appended
+  (unless they already end with it) and the row padded to exactly L with
+  the pad token, which is "</s>" (id 1) like the end token. style
+  "big_vision" is big_vision's `tokenize(max_len=L, eos="sticky",
+  pad_value=1)` with lower=True as SigLIP trained: ASCII lower-casing, the
+  SentencePiece model's own normalisation, punctuation kept, the end id
+  kept when cut (not checked against big_vision here: it needs
+  TensorFlow Text).
+
+  Either way every row is padded to `max_length`: SigLIP's text tower
+  (`TextTransformer` pool "last") reads the last position, padding
+  attended to, so L must be what the checkpoint trained with, its
+  `max_position_embeddings` (64 for the released SigLIPs, Hugging Face's
+  model_max_length). `mask` is True at the text's ids and its end id
+  (Hugging Face's attention_mask); the model needs none.
+
+  Args:
+    path: a checkpoint directory holding spiece.model, or a .model file.
+    max_length: L, the fixed length of every row (at least 1).
+    style: "hf" (default) or "big_vision".
+  """
+  eos_token, unk_token, pad_token = "</s>", "<unk>", "</s>"
+
+  def __init__(self, path: str | os.PathLike, max_length: int = 64, *,
+               style: str = "hf"):
+    path = pathlib.Path(path)
+    model = path / "spiece.model" if path.is_dir() else path
+    if not model.is_file():
+      raise FileNotFoundError(f"{model} does not exist (a SigLIP checkpoint "
+                              "directory ships its SentencePiece model as "
+                              "spiece.model)")
+    if max_length < 1:
+      raise ValueError(f"max_length must be positive, got {max_length}")
+    if style not in SIGLIP_STYLES:
+      raise ValueError(f"style must be one of {SIGLIP_STYLES}, got {style!r}")
+    self._sp = _sentencepiece().SentencePieceProcessor(model_file=str(model))
+    self.max_length, self.style = max_length, style
+    settings = model.parent / "tokenizer_config.json"
+    self.do_lower_case = bool(json.loads(settings.read_text()).get(
+        "do_lower_case", True)) if settings.is_file() else True
+    self._special = {}
+    for token in (self.eos_token, self.unk_token):
+      token_id = self._sp.piece_to_id(token)
+      if self._sp.id_to_piece(token_id) != token:
+        raise ValueError(f"{model}: {token!r} is not in the vocabulary")
+      self._special[token] = token_id
+    self.eos_id = self.pad_id = self._special[self.eos_token]
+    self.unk_id = self._special[self.unk_token]
+    self._split = re.compile("(" + "|".join(
+        re.escape(t) for t in sorted(self._special, key=len, reverse=True))
+                             + ")")
+    self._unk_length = len(self._sp.encode(self.unk_token))
+
+  @property
+  def vocab_size(self) -> int:
+    """The number of ids, special tokens included."""
+    return self._sp.get_piece_size()
+
+  def canonicalize(self, text: str) -> str:
+    """Hugging Face's `canonicalize_text`: lower-cased (do_lower_case),
+    ASCII punctuation removed, whitespace runs one space, stripped."""
+    if self.do_lower_case:
+      text = text.lower()
+    return re.sub(r"\s+", " ", text.translate(_PUNCTUATION)).strip()
+
+  def _pieces(self, text: str) -> list[str]:
+    """Hugging Face's SiglipTokenizer._tokenize: a text without special
+    tokens -> its pieces."""
+    pieces = self._sp.encode(self.unk_token + self.canonicalize(text),
+                             out_type=str)
+    return (pieces[self._unk_length:] if len(pieces) >= self._unk_length
+            else pieces)
+
+  def encode(self, text: str) -> list[int]:
+    """One text -> its ids before cutting and padding (the end id appended
+    for style "big_vision"; for "hf" only those of "</s>" in the text)."""
+    if self.style == "big_vision":
+      text = text.encode("utf-8").lower().decode("utf-8")  # ASCII only
+      return self._sp.encode(text) + [self.eos_id]
+    chunks = self._split.split(
+        SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "))
+    for i, chunk in enumerate(chunks):  # special tokens strip both sides
+      if chunk in self._special:
+        if i > 0:
+          chunks[i - 1] = chunks[i - 1].rstrip()
+        if i + 1 < len(chunks):
+          chunks[i + 1] = chunks[i + 1].lstrip()
+    pieces = []
+    for chunk in chunks:
+      if chunk in self._special:
+        pieces.append(chunk)
+      elif chunk:
+        pieces.extend(self._pieces(chunk))
+    # A lone leading "▁" before a special token is dropped, as there.
+    if (len(pieces) > 1 and pieces[0] == SPIECE_UNDERLINE
+        and pieces[1] in self._special):
+      pieces = pieces[1:]
+    return [self._sp.piece_to_id(p) for p in pieces]
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenises a batch of texts.
+
+    Args:
+      texts: B strings.
+
+    Returns:
+      ids: int32 [B, max_length], each row the text's ids, the end id, then
+        `pad_id` (the end id too).
+      mask: bool [B, max_length], True at the text's ids and its end id.
+    """
+    if isinstance(texts, str):
+      raise TypeError("texts must be a sequence of strings, not one string")
+    texts = list(texts)
+    ids = np.full((len(texts), self.max_length), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), self.max_length), bool)
+    for i, text in enumerate(texts):
+      row = self.encode(text)
+      if self.style == "big_vision":  # eos "sticky"
+        row = row if len(row) <= self.max_length else (
+            row[:self.max_length - 1] + [self.eos_id])
+      else:  # cut, then the end id unless the text already ends with it
+        row = row[:self.max_length - 1]
+        if not row or row[-1] != self.eos_id:
+          row = row + [self.eos_id]
+      ids[i, :len(row)] = row
+      mask[i, :len(row)] = True
+    return ids, mask
+
+  def decode(self, ids: np.ndarray) -> list[str]:
+    """ids [B, L] -> B strings, each up to its row's first end id."""
+    rows = []
+    for row in np.asarray(ids).tolist():
+      rows.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
+    return [self._sp.decode(row) for row in rows]
+
+
+siglip_tokenizer = SiglipTokenizer
