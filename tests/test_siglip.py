@@ -308,6 +308,8 @@ def test_tokenizer_matches_siglip_tokenizer_live():
                        max_length=16)
       assert ids[i].tolist() == want["input_ids"], text
       assert mask[i].astype(int).tolist() == want["attention_mask"], text
+      assert tokenizer.decode(ids[i:i + 1]) == [reference.decode(
+          want["input_ids"], skip_special_tokens=True)], text
 
 
 # ------------------------------------------------------------------- LiT ---

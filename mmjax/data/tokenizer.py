@@ -451,11 +451,11 @@ class SiglipTokenizer:
     return ids, mask
 
   def decode(self, ids: np.ndarray) -> list[str]:
-    """ids [B, L] -> B strings, each up to its row's first end id."""
-    rows = []
-    for row in np.asarray(ids).tolist():
-      rows.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
-    return [self._sp.decode(row) for row in rows]
+    """ids [B, L] -> B strings without the end (padding) and unknown ids, as
+    Hugging Face's decode(..., skip_special_tokens=True)."""
+    skip = {self.eos_id, self.unk_id}
+    return [self._sp.decode([i for i in row if i not in skip]).strip()
+            for row in np.asarray(ids).tolist()]
 
 
 siglip_tokenizer = SiglipTokenizer

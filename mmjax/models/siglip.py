@@ -20,6 +20,11 @@ its flattened Flax names ("params/img/...", "params/txt/...",
 `config.model`); `load_siglip(directory)` the whole `ContrastiveModel`
 tree ({"tower_image", "tower_text", "log_scale", "bias"}), of which
 `config.model.init` entries "siglip:DIR" take the subtree at their path.
+The text goes through the checkpoint's spiece.model, as Hugging Face's
+SiglipTokenizer tokenises it (`mmjax.data.tokenizer.SiglipTokenizer`,
+config.text.tokenizer "siglip:DIR"): padded with "</s>" to the full
+max_length, since the text tower reads the last position. configs/lit.py
+trains LiT from a SigLIP checkpoint.
 
 Mapping (Hugging Face names):
 
