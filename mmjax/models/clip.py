@@ -63,9 +63,9 @@ from mmjax.models import factory
 from mmjax.models.clip_config import (OPEN_CLIP_FILES, checkpoint_format,
                                       clip_config)
 from mmjax.models.contrastive import ContrastiveModel
-from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
-                                  param_shapes, torch_attention, torch_dense,
-                                  torch_norm)
+from mmjax.models.convert import (check_fits, hf_checkpoint_state,
+                                  load_safetensors, param_shapes,
+                                  torch_attention, torch_dense, torch_norm)
 
 
 def open_clip_to_hf(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,9 +174,7 @@ def convert_clip(state: Mapping[str, Any], config: Mapping[str, Any],
   Raises:
     ValueError: a tensor the model needs is missing, or one is left over.
   """
-  state = {k: np.asarray(v, dtype) for k, v in state.items()
-           if not k.endswith("position_ids")}
-  state = TrackedState(state, "checkpoint")
+  state = hf_checkpoint_state(state, dtype)
   image, text = (config["model"]["encoders"][m] for m in ("image", "text"))
   embeddings = "vision_model.embeddings"
   width = image["width"]
@@ -203,7 +201,8 @@ def convert_clip(state: Mapping[str, Any], config: Mapping[str, Any],
 
 def build_clip(config: Mapping[str, Any]) -> ContrastiveModel:
   """The `ContrastiveModel` of `hf_clip_config(...)` (float32), whose
-  parameter tree `convert_clip` fills (all but the sigmoid bias)."""
+  parameter tree `convert_clip` fills (all but the sigmoid bias); also of
+  `siglip.hf_siglip_config(...)`, which has the same keys."""
   model = config["model"]
   return factory.build_contrastive(
       modalities=("image", "text"), encoders=model["encoders"],

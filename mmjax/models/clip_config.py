@@ -48,6 +48,24 @@ def hf_activation(name: str, key: str) -> str:
   return HF_ACTIVATIONS[name]
 
 
+def hf_tower_configs(hf_config: Mapping[str, Any], model_type: str,
+                     text_defaults: Mapping[str, Any],
+                     vision_defaults: Mapping[str, Any]
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(text_config, vision_config) of a Hugging Face two-tower config.json
+  of `model_type` ("clip", "siglip"), each over its defaults (the keys a
+  file leaves out). ValueError for another model_type or non-RGB images."""
+  if hf_config.get("model_type") != model_type:
+    raise ValueError(f"config.json: model_type "
+                     f"{hf_config.get('model_type')!r} is not '{model_type}'")
+  text = {**text_defaults, **hf_config.get("text_config", {})}
+  vision = {**vision_defaults, **hf_config.get("vision_config", {})}
+  if vision["num_channels"] != 3:
+    raise ValueError("config.json: vision_config.num_channels="
+                     f"{vision['num_channels']} (the pixel front end is RGB)")
+  return text, vision
+
+
 def hf_clip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   """The mmjax model configuration of a Hugging Face CLIP config.json.
 
@@ -60,14 +78,8 @@ def hf_clip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   Raises:
     ValueError: naming the config key the modules cannot represent.
   """
-  if hf_config.get("model_type") != "clip":
-    raise ValueError(f"config.json: model_type "
-                     f"{hf_config.get('model_type')!r} is not 'clip'")
-  text = {**_TEXT_DEFAULTS, **hf_config.get("text_config", {})}
-  vision = {**_VISION_DEFAULTS, **hf_config.get("vision_config", {})}
-  if vision["num_channels"] != 3:
-    raise ValueError("config.json: vision_config.num_channels="
-                     f"{vision['num_channels']} (the pixel front end is RGB)")
+  text, vision = hf_tower_configs(hf_config, "clip", _TEXT_DEFAULTS,
+                                  _VISION_DEFAULTS)
   eos = text["eos_token_id"]
   image = dict(
       name="vit", width=vision["hidden_size"],

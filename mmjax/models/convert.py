@@ -42,6 +42,15 @@ class TrackedState(dict):
                        f"in {model}")
 
 
+def hf_checkpoint_state(state: Mapping[str, Any], dtype=np.float32
+                        ) -> TrackedState:
+  """A Hugging Face checkpoint's tensors as `dtype` arrays in a
+  TrackedState, without the `position_ids` buffers that some
+  transformers versions save (constants, not weights)."""
+  return TrackedState({k: np.asarray(v, dtype) for k, v in state.items()
+                       if not k.endswith("position_ids")}, "checkpoint")
+
+
 def torch_dense(state: Mapping[str, Any], name: str,
                 bias: bool = True) -> dict[str, Any]:
   """torch Linear `name` (weight [out, in], bias [out]) as a Flax Dense

@@ -67,13 +67,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models import factory
-from mmjax.models.clip import encoder_blocks, text_transformer_params
-from mmjax.models.clip_config import hf_activation
+from mmjax.models.clip import (build_clip, encoder_blocks,
+                               text_transformer_params)
+from mmjax.models.clip_config import hf_activation, hf_tower_configs
 from mmjax.models.contrastive import ContrastiveModel
-from mmjax.models.convert import (TrackedState, check_fits, load_safetensors,
-                                  param_shapes, torch_attention, torch_dense,
-                                  torch_norm)
+from mmjax.models.convert import (check_fits, hf_checkpoint_state,
+                                  load_safetensors, param_shapes,
+                                  torch_attention, torch_dense, torch_norm)
 
 # SigLIP's image normalisation: [0, 1] -> [-1, 1].
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -115,14 +115,8 @@ def hf_siglip_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   Raises:
     ValueError: naming the config key the modules cannot represent.
   """
-  if hf_config.get("model_type") != "siglip":
-    raise ValueError(f"config.json: model_type "
-                     f"{hf_config.get('model_type')!r} is not 'siglip'")
-  text = {**_TEXT_DEFAULTS, **hf_config.get("text_config", {})}
-  vision = {**_VISION_DEFAULTS, **hf_config.get("vision_config", {})}
-  if vision["num_channels"] != 3:
-    raise ValueError("config.json: vision_config.num_channels="
-                     f"{vision['num_channels']} (the pixel front end is RGB)")
+  text, vision = hf_tower_configs(hf_config, "siglip", _TEXT_DEFAULTS,
+                                  _VISION_DEFAULTS)
   if not vision["vision_use_head"]:
     raise ValueError("config.json: vision_config.vision_use_head=False is "
                      "not supported (SiglipModel's image embedding is the "
@@ -180,9 +174,7 @@ def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],
   Raises:
     ValueError: a tensor the model needs is missing, or one is left over.
   """
-  state = {k: np.asarray(v, dtype) for k, v in state.items()
-           if not k.endswith("position_ids")}
-  state = TrackedState(state, "checkpoint")
+  state = hf_checkpoint_state(state, dtype)
   image, text = (config["model"]["encoders"][m] for m in ("image", "text"))
   embeddings = "vision_model.embeddings"
   heads = image["num_heads"]
@@ -215,13 +207,9 @@ def convert_siglip(state: Mapping[str, Any], config: Mapping[str, Any],
 
 def build_siglip(config: Mapping[str, Any]) -> ContrastiveModel:
   """The `ContrastiveModel` of `hf_siglip_config(...)` (float32), whose
-  parameter tree `convert_siglip` fills."""
-  model = config["model"]
-  return factory.build_contrastive(
-      modalities=("image", "text"), encoders=model["encoders"],
-      embed_dim=model["embed_dim"],
-      objective=model.get("objective", "softmax"),
-      projections=model["projections"])
+  parameter tree `convert_siglip` fills: the CLIP builder's, from the same
+  keys."""
+  return build_clip(config)
 
 
 # ------------------------------------------------------------ big_vision ---
