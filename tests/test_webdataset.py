@@ -1,8 +1,10 @@
-"""webdataset tar shards: repacked coco_mini read back, per-process shares,
+"""webdataset tar shards: repacked coco_mini read back, groups of shards,
 epochs without duplicates or gaps, exact resume, bad input, the CLI."""
 
 import io
 import json
+import os
+import pathlib
 import tarfile
 
 import ml_collections
@@ -145,50 +147,118 @@ def test_expand_braces():
 # --------------------------------------------------- epochs and processes
 
 
-def test_one_process_epochs_are_new_permutations(pattern, identity):
-  it = train_iterator(pattern)
-  epochs = [sum((positions(next(it), identity) for _ in range(TRAIN // 6)),
-                []) for _ in range(2)]
-  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(TRAIN))
-  assert epochs[0] != epochs[1]
+def global_batches(pattern, process_count, steps, state=None, **kwargs):
+  """`steps` global batches of `process_count` processes: their local
+  batches concatenated in process order (after `state`, if given)."""
+  its = [train_iterator(pattern, i, process_count, **kwargs)
+         for i in range(process_count)]
+  if state is not None:
+    for it in its:
+      it.set_state(state)
+  batches = []
+  for _ in range(steps):
+    local = [next(it) for it in its]
+    batches.append({k: np.concatenate([np.asarray(b[k]) for b in local])
+                    for k in local[0]})
+  return batches, its[0].get_state()
 
 
-def test_two_processes_read_disjoint_shards_and_cover_each_epoch(
-    pattern, identity):
-  # Shards 0, 2, 4, 6 (9+8+8+8 examples) and 1, 3, 5, 7 (the same): local
-  # batches of 3 of a global 6, 11 per local epoch.
-  its = [train_iterator(pattern, i, 2) for i in range(2)]
-  for epoch in range(2):
-    seen = [sum((positions(next(it), identity) for _ in range(11)), [])
-            for it in its]
-    for i, local in enumerate(seen):
-      assert len(local) == len(set(local)) == TRAIN // 2, (epoch, i)
-      assert {shard_of(p) for p in local} == set(range(i, NUM_SHARDS, 2))
-    assert sorted(seen[0] + seen[1]) == list(range(TRAIN))
+def test_each_group_is_one_shard_shuffled_anew_every_epoch(pattern,
+                                                           identity):
+  # batch 8 over 8 shards: 8 groups of one shard, one example each a batch.
+  batches, _ = global_batches(pattern, 1, 16, batch_size=8)
+  rows = np.array([positions(b, identity) for b in batches])  # [16, 8]
+  for g in range(NUM_SHARDS):
+    assert {shard_of(p) for p in rows[:, g]} == {g}
+  first = rows[:8].reshape(-1)
+  assert len(set(first)) == 64  # no duplicates in a pass over the groups
+  for g in range(2, NUM_SHARDS):  # the 8-example shards: whole epochs
+    assert sorted(rows[:8, g]) == sorted(rows[8:, g])
+    assert list(rows[:8, g]) != list(rows[8:, g])
 
 
-def test_shard_count_not_divisible_strides_examples(pattern):
-  source = pipeline.data_source(config(pattern), "train")
-  shares = [[r["key"] for r in source.process_share(i, 3)]
-            for i in range(3)]
-  assert [len(s) for s in shares] == [22, 22, 22]
-  assert sorted(sum(shares, [])) == [source[i]["key"] for i in range(TRAIN)]
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_see_the_global_batches_of_one_process(
+    pattern, identity, process_count):
+  one, _ = global_batches(pattern, 1, 20, batch_size=8)
+  many, _ = global_batches(pattern, process_count, 20, batch_size=8)
+  for a, b in zip(one, many):
+    assert set(a) == set(b) >= {"image", "text", "mask/text"}
+    for key in a:  # images and the captions drawn: bit-identical
+      np.testing.assert_array_equal(a[key], b[key])
+  # Process i reads only its groups' shards: rows [2i, 2i + 2) for 4.
+  local = 8 // process_count
+  for i in range(process_count):
+    shards = {shard_of(p) for b in many
+              for p in positions(b, identity)[i * local:(i + 1) * local]}
+    assert shards == set(range(i * local, (i + 1) * local))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_resumed_state_gives_bit_identical_batches(pattern, workers):
-  it = train_iterator(pattern, 1, 2, workers=workers)
-  for _ in range(13):  # past the end of the first local epoch (11)
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))  # as the checkpoint keeps it
-  expected = [next(it) for _ in range(3)]
-  fresh = train_iterator(pattern, 1, 2, workers=workers)  # scans again
-  fresh.set_state(state)
-  for want in expected:
-    got = next(fresh)
-    assert set(got) == set(want) >= {"image", "text", "mask/text"}
-    for key in want:
-      np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+def test_position_resumes_bit_identically_with_another_process_count(
+    pattern, workers):
+  expected, _ = global_batches(pattern, 2, 16, workers=workers)
+  _, state = global_batches(pattern, 2, 13, workers=workers)
+  state = json.loads(json.dumps(state))  # as the checkpoint keeps it
+  for count in (2, 1):
+    resumed, _ = global_batches(pattern, count, 3, state, workers=workers)
+    for want, got in zip(expected[13:], resumed):
+      assert set(got) == set(want)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_shard_group_counts(pattern):
+  cfg = config(pattern, batch_size=12)
+  assert pipeline.shard_group_count(cfg, 8, 1) == 6  # divisors of 12: <= 8
+  assert pipeline.shard_group_count(cfg, 100, 4) == 12
+  cfg.shard_groups = 5
+  with pytest.raises(UsageError, match="'shard_groups': 5 .* divide "
+                     "batch_size 12"):
+    pipeline.shard_group_count(cfg, 8, 1)
+  cfg.shard_groups = 3
+  with pytest.raises(UsageError, match="cannot be split over 2 processes"):
+    pipeline.shard_group_count(cfg, 8, 2)
+  cfg.shard_groups = 0
+  with pytest.raises(UsageError, match="default shard_groups .* 3 processes"):
+    pipeline.shard_group_count(config(pattern, batch_size=9), 1, 3)
+
+
+def test_more_groups_than_shards_stride_examples(pattern):
+  source = pipeline.data_source(config(pattern), "train")
+  groups = [[r["key"] for r in group] for group in source.shard_groups(12)]
+  assert [len(g) for g in groups] == [6] * 6 + [5] * 6
+  assert sorted(sum(groups, [])) == [source[i]["key"] for i in range(TRAIN)]
+  assert groups[1][:2] == [source[1]["key"], source[13]["key"]]
+
+
+def test_index_is_cached_per_list_of_shards(root, tmp_path, monkeypatch):
+  monkeypatch.setenv("MMJAX_CACHE_DIR", str(tmp_path))
+  paths = wds.shard_paths(f"{root}/train/*.tar", "train")
+  scanned = []
+  monkeypatch.setattr(wds, "scan_shard", lambda p, scan=wds.scan_shard: (
+      scanned.append(p) or scan(p)))
+  first = wds.WebDatasetSource(paths)
+  assert len(scanned) == NUM_SHARDS
+  assert len(list((tmp_path / "wds_index").glob("*.npz"))) == 1
+  again = wds.WebDatasetSource(paths)  # from the cache: nothing scanned
+  assert len(scanned) == NUM_SHARDS
+  for a, b in zip(first.shards, again.shards):
+    np.testing.assert_array_equal(a.spans, b.spans)
+  assert again[17]["key"] == first[17]["key"]
+  wds.WebDatasetSource(paths[:3])  # another list: scanned and cached
+  assert len(scanned) == NUM_SHARDS + 3
+  # A changed shard (a new modification time) is scanned again.
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  (copy / "0.tar").write_bytes(pathlib.Path(paths[0]).read_bytes())
+  wds.WebDatasetSource([str(copy / "0.tar")])
+  os.utime(copy / "0.tar", ns=(1, 1))
+  wds.WebDatasetSource([str(copy / "0.tar")])
+  assert len(scanned) == NUM_SHARDS + 5
+  # An unwritable cache is skipped, not an error.
+  monkeypatch.setenv("MMJAX_CACHE_DIR", str(copy / "0.tar"))
+  assert len(wds.WebDatasetSource(paths[:2])) == 18
 
 
 # --------------------------------------------------------------- bad input
@@ -302,10 +372,3 @@ def test_repack_cli_writes_once_and_never_overwrites(tmp_path, data_dir,
   assert [p.read_bytes() for p in shards] == before
   assert wds.main(["repack", "--out", str(tmp_path), "--shards", "x"]) == 2
   assert capsys.readouterr().err.startswith("error: argument --shards")
-
-
-def test_position_refuses_another_process_count(pattern):
-  it = train_iterator(pattern, 0, 2)
-  next(it)
-  with pytest.raises(UsageError, match="saved by 2 processes"):
-    train_iterator(pattern, 0, 1).set_state(it.get_state())

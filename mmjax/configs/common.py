@@ -147,7 +147,10 @@ def set_data(config: ml_collections.ConfigDict, dataset: str, *,
   modalities: the batch keys the model reads. audio_length: waveform samples
   (0: the record's audio as it is). data_dir "" reads and builds datasets
   under $TFDS_DATA_DIR (or ~/tensorflow_datasets); source_dir "" reads the
-  raw files from the repository's data/.
+  raw files from the repository's data/. shard_groups: how many groups of
+  shards a sharded source (webdataset) is read as; 0 is the largest
+  divisor of the batch size not above the shard count
+  (`pipeline.shard_group_count`).
   """
   config.dataset = dataset
   config.data_dir = ""
@@ -157,4 +160,5 @@ def set_data(config: ml_collections.ConfigDict, dataset: str, *,
   config.train_split = train_split
   config.eval_splits = tuple(eval_splits)
   config.data_workers = data_workers
+  config.shard_groups = 0
   return config

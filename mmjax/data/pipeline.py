@@ -316,15 +316,17 @@ def _text_fields(ds: grain.MapDataset, config) -> grain.MapDataset:
 class TrainIterator:
   """Endless sharded training batches with a checkpointable position.
 
-  Global batches do not depend on the number of processes: the whole source
-  is shuffled with the same seed on every process, cut into global batches
-  of `config.batch_size`, and process i of n reads rows [i*b, (i+1)*b) of
-  each (b = batch_size / n), which `put_batch` places on process i's
-  devices. So a run on 2 hosts trains on the same batches, in the same
-  order, as on 1, and may resume with another process count. A source that
-  assigns itself to processes (`process_share`, webdataset's shards per
-  process) is instead shuffled within each process's share; its position
-  only resumes with the process count that saved it.
+  Global batches do not depend on the number of processes, so a run on 2
+  hosts trains on the same batches, in the same order, as on 1, and may
+  resume with another process count. Process i of n holds rows
+  [i*b, (i+1)*b) of each global batch (b = batch_size / n), which
+  `put_batch` places on its devices:
+  - a random-access source is shuffled whole with the same seed on every
+    process and cut into global batches of `config.batch_size`;
+  - a source of shards (`shard_groups`: webdataset) is read as G groups of
+    shards (`shard_group_count`), each shuffled with its own seed; global
+    batch k is the k-th batch of batch_size / G of every group, in group
+    order, so process i reads only its G/n groups' shards.
 
   `get_state()` is {"iterator": grain's state, "process_count": n}: the
   same on every process (the count of global batches read), so process 0
@@ -334,15 +336,16 @@ class TrainIterator:
   def __init__(self, source, config, sharding, process_index: int = 0,
                process_count: int = 1, seed: int | None = None):
     """seed: the shuffle's seed (default `config.seed`)."""
-    local_batch = config.batch_size // process_count
-    self._own_share = hasattr(source, "process_share")
+    seed = config.seed if seed is None else seed
     self._process_count = process_count
-    ds = (source.process_share(process_index, process_count)
-          if self._own_share else grain.MapDataset.source(source))
-    ds = ds.seed(config.seed if seed is None else seed).shuffle().repeat()
-    ds = train_transforms(ds, config).batch(local_batch, drop_remainder=True)
-    if not self._own_share:  # this process's slice of every global batch
-      ds = ds[process_index::process_count]
+    if hasattr(source, "shard_groups"):
+      ds = _shard_group_batches(source, config, seed, process_index,
+                                process_count)
+    else:
+      ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+      ds = train_transforms(ds, config).batch(
+          config.batch_size // process_count, drop_remainder=True)
+      ds = ds[process_index::process_count]  # this process's rows
     ds = ds.to_iter_dataset(TRAIN_READ_OPTIONS)
     if config.data_workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
@@ -365,13 +368,57 @@ class TrainIterator:
   def set_state(self, state: dict):
     """Restores a `get_state()` (or, from checkpoints written before it
     recorded the process count, grain's state alone)."""
-    saved_count = state.get("process_count", self._process_count)
-    if self._own_share and saved_count != self._process_count:
-      raise UsageError(
-          f"the data position was saved by {saved_count} processes; this "
-          f"dataset assigns its shards to processes, so it resumes only with "
-          f"{saved_count} processes (this run has {self._process_count})")
     self._iterator.set_state(state.get("iterator", state))
+
+
+def shard_group_count(config, num_shards: int, process_count: int) -> int:
+  """G, the groups a source of `num_shards` shards is read as:
+  `config.shard_groups`, or if that is 0 (or absent) the largest divisor of
+  `config.batch_size` not above `num_shards` (the default never depends on
+  the process count). UsageError unless G divides the batch size and the
+  process count divides G."""
+  groups = config.get("shard_groups") or max(
+      d for d in range(1, min(num_shards, config.batch_size) + 1)
+      if config.batch_size % d == 0)
+  how = ("config key 'shard_groups'" if config.get("shard_groups") else
+         f"the default shard_groups (the largest divisor of batch_size "
+         f"{config.batch_size} not above the {num_shards} shards)")
+  if groups < 1 or config.batch_size % groups:
+    raise UsageError(f"{how}: {groups} groups of shards must divide "
+                     f"batch_size {config.batch_size}")
+  if groups % process_count:
+    raise UsageError(
+        f"{how}: {groups} groups of shards cannot be split over "
+        f"{process_count} processes; set config.shard_groups to a multiple "
+        f"of {process_count} that divides batch_size {config.batch_size} "
+        "(with more groups than shards, every group reads every G-th example "
+        "of all shards)")
+  return groups
+
+
+def _shard_group_batches(source, config, seed: int, process_index: int,
+                         process_count: int) -> grain.MapDataset:
+  """Process `process_index`'s rows of every global batch of a source read
+  as groups of shards (`TrainIterator`): the concatenated batches of its
+  groups, group g shuffled with a seed drawn from (seed, g)."""
+  num_groups = shard_group_count(config, len(source.shards), process_count)
+  per_process = num_groups // process_count
+  first = process_index * per_process
+  streams = []
+  for g, group in enumerate(source.shard_groups(num_groups)[
+      first:first + per_process], start=first):
+    group_seed = int(np.random.SeedSequence([seed, g]).generate_state(1)[0])
+    ds = group.seed(group_seed).shuffle().repeat()
+    streams.append(train_transforms(ds, config).batch(
+        config.batch_size // num_groups, drop_remainder=True))
+  if len(streams) == 1:
+    return streams[0]
+  return grain.experimental.ZipMapDataset(streams).map(_concatenate)
+
+
+def _concatenate(batches: tuple[dict, ...]) -> dict:
+  """Batches with the same keys -> one batch, rows in order."""
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 class EvalBatches:

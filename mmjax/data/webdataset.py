@@ -28,26 +28,33 @@ directory. Splits: `{split}` in the pattern is replaced by the split's name
 split; a pattern without `{split}` serves only the split "train" (set
 `config.eval_splits = ()`). Splits cannot be sliced ("train[:100]").
 
-Random access. Opening a source scans the tar headers of every shard once
-(`scan_shard`: the headers only, the file data are seeked over) into an index
-of byte spans, one per example; reading example i is one `pread` of its span,
-then decoding. The scan costs about 20-30 us per tar member on a 2-core AMD EPYC
-(0.7 s for a 10,000-example img2dataset shard with .jpg, .txt and .json), so
-a few hundred shards open in minutes at most; thousands of shards would want
-a cached index, which is not implemented. The index holds 16 bytes per
+Random access. Opening a source indexes every shard: `scan_shard` reads the
+tar headers only (the file data are seeked over) into byte spans, one per
+example; reading example i is one `pread` of its span, then decoding. The
+scan costs about 20-30 us per tar member on a 2-core AMD EPYC (0.7 s for a
+10,000-example img2dataset shard with .jpg, .txt and .json), run on 8
+threads, and its result is cached: `cache_dir()/wds_index/<key>.npz`
+(`mmjax.hardware.cache_dir`, $MMJAX_CACHE_DIR to move it), one file per
+list of shards, keyed by the shards' real paths, sizes and modification
+times, so a changed or added shard is scanned again and an unchanged list
+opens from one file read (`index_shards`). The index holds 16 bytes per
 example. Because the source is random access, the rest of the pipeline is
-grain's: `TrainIterator` shuffles with a seed that is redrawn every epoch and
-its position (`get_state`, a small JSON dict saved in every checkpoint)
-resumes to bit-identical batches.
+grain's: shuffles with a seed that is redrawn every epoch and a position
+(`get_state`, a small JSON dict saved in every checkpoint) that resumes to
+bit-identical batches.
 
-Processes. `TrainIterator` asks the source for this process's share
-(`process_share`): with n processes and a shard count that n divides, process
-i reads shards i::n only; otherwise every process reads every n-th example of
-all shards (balanced to within one example). Either way the shares are
-disjoint and together the whole split, but the global batches depend on n,
-so a position resumes only with the process count that saved it.
-Evaluation reads the split in order, each process its rows of every global
-batch (`pipeline.EvalBatches`), as for any source.
+Processes. Training reads the shards as G groups (`shard_groups`; G is
+`config.shard_groups`, by default the largest divisor of the batch size not
+above the shard count, `pipeline.shard_group_count`): group g holds shards
+g::G (or, with more groups than shards, every G-th example of all shards),
+is shuffled with a seed of its own and is read as an endless stream, and
+global batch b is the b-th batch of batch_size / G of every group, in group
+order (`pipeline.TrainIterator`). Process i of n reads groups
+[i G/n, (i+1) G/n) only, hence only their shards, and the global batches
+are the same for every process count that divides G, so a position saved
+by one count resumes with another. Evaluation reads the split in order,
+each process its rows of every global batch (`pipeline.EvalBatches`), as
+for any source.
 
 Bad input raises `mmjax.errors.UsageError` naming the file or the config key:
 no shard matching the pattern, a shard that is not an uncompressed tar or is
@@ -62,20 +69,25 @@ split, never overwriting existing files, then training on them:
   python -m mmjax.train --config configs/coco_mini_captioning.py \
       --workdir /tmp/run "--config.dataset=wds:/tmp/wds/{split}/{00000..00007}.tar"
 
-Measured (`benchmarks/webdataset_reader.py`, coco_mini's 66 training photos
-in 8 PNG shards, a 2-core AMD EPYC shared with other jobs, load average 6-7,
-so these are lower bounds): the header scan 20-33 us per member;
-`source[i]` 1,900-3,700 examples/s on one thread (a third of it parsing the
-span's tar headers, the rest PNG decoding); the TrainIterator at coco_mini's
-batch size 32 1,000-1,300 examples/s, against 2,200-2,500 for coco_mini's
-array_record files through the same iterator.
+Measured (`python benchmarks/webdataset_reader.py`, coco_mini's 66 training
+photos in 8 PNG shards, a 2-core Intel Xeon with other jobs running, so
+these are lower bounds): the header scan 51 us per member, the cached index
+0.6 ms; 2,000 shards (16,500 examples) open in 1.9 s cold and 0.02 s from
+the cache; `source[i]` 4,100 examples/s on one thread; the TrainIterator at
+coco_mini's batch size 32 2,050 examples/s over the 2,000 shards in 32
+groups, against 3,500 for coco_mini's array_record files (in 8 groups of 8
+examples, 980: grain's shuffle is slow in tiny groups, the benchmark's
+docstring).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import glob
+import hashlib
 import io
 import json
 import os
@@ -91,6 +103,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from mmjax import hardware
 from mmjax.errors import UsageError
 
 PREFIX = "wds:"
@@ -257,6 +270,55 @@ def _check_zeros(path: str, offset: int):
                          f"header at byte {offset} or after")
 
 
+def index_shards(shards: Sequence["Shard"], threads: int = 8):
+  """Gives every shard its spans: from the index cache when this list of
+  shards (real path, size, modification time) was indexed before, else
+  scanned (`scan_shard`, on `threads` threads) and then cached. A cache
+  that cannot be read or written is skipped (logged), never an error."""
+  todo = [s for s in shards if s._spans is None]  # pylint: disable=protected-access
+  if not todo:
+    return
+  try:
+    stats = [os.stat(s.path) for s in todo]
+  except OSError as e:
+    raise UsageError(f"cannot read shard {e.filename}: {e.strerror}") from e
+  key = hashlib.sha256(json.dumps(
+      [(os.path.realpath(s.path), st.st_size, st.st_mtime_ns)
+       for s, st in zip(todo, stats)]).encode()).hexdigest()[:32]
+  path = hardware.cache_dir() / "wds_index" / f"{key}.npz"
+  try:
+    with np.load(path) as cached:
+      counts, spans = cached["counts"], cached["spans"]
+    if len(counts) == len(todo) and counts.sum() == len(spans):
+      for shard, part in zip(todo, np.split(spans, np.cumsum(counts)[:-1])):
+        shard._spans = part  # pylint: disable=protected-access
+      return
+  except FileNotFoundError:
+    pass
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning("shard index cache %s unreadable (%s); scanning", path, e)
+  with concurrent.futures.ThreadPoolExecutor(min(threads, len(todo))) as pool:
+    spans = list(pool.map(scan_shard, [s.path for s in todo]))
+  for shard, part in zip(todo, spans):
+    shard._spans = part  # pylint: disable=protected-access
+  _write_index(path, np.array([len(p) for p in spans], np.int64),
+               np.concatenate(spans))
+
+
+def _write_index(path: pathlib.Path, counts: np.ndarray, spans: np.ndarray):
+  """Writes the index cache file `path` (atomically; kept if it appeared)."""
+  tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}"
+                       ".tmp.npz")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp, counts=counts, spans=spans)
+    os.replace(tmp, path)  # the same key always has the same content
+  except OSError as e:
+    logging.warning("shard index not cached in %s (%s)", path, e)
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+
+
 class Shard:
   """One tar file: its example spans (scanned once) and a reader.
 
@@ -315,6 +377,7 @@ class WebDatasetSource:
 
   def __init__(self, shards: Sequence[str | Shard]):
     self.shards = [s if isinstance(s, Shard) else Shard(s) for s in shards]
+    index_shards(self.shards)
     # ends[j]: examples in shards 0..j; example i is in the first shard whose
     # end exceeds i.
     self._ends = np.cumsum([len(s.spans) for s in self.shards], dtype=np.int64)
@@ -335,18 +398,14 @@ class WebDatasetSource:
     first = f", first {self.shards[0].path}" if self.shards else ""
     return f"WebDatasetSource({len(self.shards)} shards, {len(self)} examples{first})"
 
-  def process_share(self, process_index: int, process_count: int
-                    ) -> grain.MapDataset:
-    """Process `process_index`'s disjoint share of `process_count`: shards
-    i::n when n divides the shard count, else every n-th example from i."""
-    if len(self.shards) % process_count == 0:
-      return grain.MapDataset.source(WebDatasetSource(
-          self.shards[process_index::process_count]))
-    if process_index == 0 and process_count > 1:
-      logging.info("%d shards over %d processes: every process reads every "
-                   "%d-th example of all shards", len(self.shards),
-                   process_count, process_count)
-    return grain.MapDataset.source(self)[process_index::process_count]
+  def shard_groups(self, num_groups: int) -> list[grain.MapDataset]:
+    """The source as `num_groups` disjoint groups that cover it: shards g::G
+    when there are at least G shards, else every G-th example from g."""
+    if num_groups <= len(self.shards):
+      return [grain.MapDataset.source(WebDatasetSource(
+          self.shards[g::num_groups])) for g in range(num_groups)]
+    return [grain.MapDataset.source(self)[g::num_groups]
+            for g in range(num_groups)]
 
 
 def read_members(span: bytes, path: str) -> tuple[str, dict[str, bytes]]:
