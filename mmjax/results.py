@@ -40,8 +40,15 @@ def eval_name(dataset: str, split: str) -> str:
   """The `<dataset>` of metric names: "coco_mini", "avmnist_clean_val".
 
   The dataset name without "tfds:" or version, "/" read as "_", and the split
-  appended unless it is "test".
+  appended unless it is "test". A webdataset pattern ("wds:/data/cc3m/
+  {split}/{00000..00331}.tar") is named by its last directory without
+  braces or wildcards ("cc3m").
   """
+  if dataset.startswith("wds:"):
+    parts = [p for p in pathlib.PurePath(dataset[4:]).parent.parts
+             if not any(c in p for c in "{}*?[")]
+    name = parts[-1] if parts and parts[-1] != "/" else "wds"
+    return name if split == "test" else f"{name}_{split}"
   name = dataset.removeprefix("tfds:").partition(":")[0].replace("/", "_")
   return name if split == "test" else f"{name}_{split}"
 

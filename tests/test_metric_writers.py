@@ -53,6 +53,10 @@ def test_finished_run_needs_the_final_row_and_its_checkpoint(tmp_path):
 
 
 def test_metric_names():
+  assert results.eval_name("wds:/data/cc3m/{split}/{0000..0331}.tar",
+                           "val") == "cc3m_val"
+  assert results.eval_name("wds:shards/*.tar", "test") == "shards"
+  assert results.eval_name("wds:{a,b}.tar", "test") == "wds"
   assert results.eval_name("tfds:coco_captions/2014:1.1.0", "test") == (
       "coco_captions_2014")
   assert results.metric_name("avmnist/clean", "val", "classification",
