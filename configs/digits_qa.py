@@ -43,8 +43,9 @@ log-mel in the model), a question and a short answer; 8 question families
 needing the image, the audio or both; splits train 20,000 / val 1,000 /
 test 2,000 / test_compositional 1,000 (held-out family x digit
 combinations). Questions and answers are UTF-8 bytes (ByteTokenizer).
-Encoders: an image LeNet keeping its 7x7 grid of tokens, a spectrogram
-LeNet (one token); for the classifiers a 2-layer byte-level BERT over the
+Encoders: the grid's four 28x28 cells each through one MNIST LeNet (64
+channels) with a learned embedding per cell (`patches`: 4 tokens), a
+spectrogram LeNet (one token); for the classifiers a 2-layer byte-level BERT over the
 question. Evaluation: `vqa`, exact-match accuracy per family.
 
 Expected result and runtime: README "Generation" and
@@ -66,8 +67,8 @@ FAMILIES = ("digit_at", "count", "sum", "compare", "spoken", "spoken_in_grid",
 ANSWERS = tuple(str(i) for i in range(19)) + (
     "yes", "no", "top left", "top right", "bottom left", "bottom right")
 
-IMAGE = {"name": "lenet", "features": 8, "extra_layers": 3,
-         "final_pool": False}  # 56 -> 7x7 tokens of 64 channels
+IMAGE = {"name": "patches", "patch_size": 28,  # one token per grid cell
+         "patch": {"name": "lenet", "features": 8, "extra_layers": 3}}
 AUDIO = {"name": "lenet", "features": 6, "extra_layers": 4,
          "frontend": {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
                       "hop_length": 64, "n_mels": 64}}

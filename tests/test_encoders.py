@@ -1,4 +1,4 @@
-"""Audio transformer and video encoders: shapes, gradients, pooling."""
+"""Audio transformer, video and patch encoders: shapes, gradients, pooling."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from mmjax.models.encoders.audio import AudioSpectrogramTransformer
+from mmjax.models.encoders.image import LeNet
+from mmjax.models.encoders.patches import PatchEncoder
 from mmjax.models.encoders.video import FrameEncoder
 
 
@@ -56,3 +58,25 @@ def test_frame_encoder_refuses_too_many_frames():
     init_apply(FrameEncoder(frame={"name": "lenet", "features": 2,
                                    "extra_layers": 0}, max_frames=2),
                jnp.zeros((1, 3, 8, 8)))
+
+
+def test_patch_encoder_encodes_each_patch_alone_in_row_major_order():
+  image = jax.random.uniform(jax.random.key(3), (2, 16, 24))
+  lenet = {"name": "lenet", "features": 4, "extra_layers": 1}
+  encoder = PatchEncoder(patch=lenet, patch_size=8)
+  variables, tokens = init_apply(encoder, image)
+  assert tokens.shape == (2, 6, 8)  # 2 x 3 patches of 8 x 8
+  # Token (y, x) is the LeNet of patch (y, x) plus that patch's embedding.
+  inner = {"params": variables["params"]["patch_encoder"],
+           "batch_stats": variables["batch_stats"]["patch_encoder"]}
+  patch = image[:, 8:16, 16:24]  # row 1, column 2: token 5
+  alone = LeNet(features=4, extra_layers=1).apply(inner, patch,
+                                                  train=False).mean(1)
+  np.testing.assert_allclose(
+      tokens[:, 5], alone + variables["params"]["position_embedding"][5],
+      rtol=1e-5, atol=1e-6)
+  plain = encoder.clone(positions=False)
+  assert "position_embedding" not in plain.init(
+      jax.random.key(0), image, train=False)["params"]
+  with pytest.raises(ValueError, match="does not divide the image's 16x24"):
+    init_apply(PatchEncoder(patch=lenet, patch_size=16), image)

@@ -7,6 +7,7 @@ gives [B, 1, D]) and is called as `encoder(x, train=...)`.
   lenet              image.LeNet                   image or spectrogram [B, H, W(, C)]
   resnet             resnet.ResNet                 image [B, H, W(, C)]
   vit                vit.ViT                       image [B, H, W(, C)]
+  patches            patches.PatchEncoder          image [B, H, W(, C)]
   ast                audio.AudioSpectrogramTransformer  spectrogram [B, F, T]
   frames             video.FrameEncoder            video [B, T, H, W(, C)]
   bert               text.BertEncoder              token ids [B, L]
@@ -22,6 +23,7 @@ from mmjax.models.encoders.audio import (AUDIO_FRONTENDS,
                                          AudioSpectrogramTransformer,
                                          LogMelSpectrogram)
 from mmjax.models.encoders.image import LeNet, PixelNormalize
+from mmjax.models.encoders.patches import PatchEncoder
 from mmjax.models.encoders.resnet import ResNet
 from mmjax.models.encoders.text import (BagOfEmbeddings, BertEncoder,
                                         TextTransformer)
@@ -34,6 +36,7 @@ ENCODERS = {
     "lenet": LeNet,
     "resnet": ResNet,
     "vit": ViT,
+    "patches": PatchEncoder,
     "ast": AudioSpectrogramTransformer,
     "frames": FrameEncoder,
     "bert": BertEncoder,
@@ -43,4 +46,4 @@ ENCODERS = {
 
 __all__ = ["ENCODERS", "FRONTENDS", "AudioSpectrogramTransformer",
            "BagOfEmbeddings", "BertEncoder", "FrameEncoder", "LeNet",
-           "LogMelSpectrogram", "PixelNormalize", "ResNet", "TextTransformer", "ViT"]
+           "LogMelSpectrogram", "PatchEncoder", "PixelNormalize", "ResNet", "TextTransformer", "ViT"]
