@@ -13,6 +13,15 @@ Arguments (comma list after the colon):
                      image tower with a unimodal text decoder (2 layers)
                      and a multimodal one (1 layer), trained with the
                      contrastive plus captioning loss (weights 1 and 2).
+  gpt2=DIR           the decoder is the Hugging Face GPT-2 checkpoint in DIR
+                     (config.json, model.safetensors, tokenizer.json),
+                     with its BPE tokenizer (`text.tokenizer = "gpt2:DIR"`,
+                     ids moved up by one for padding id 0); with
+                     model=flamingo it is frozen (Alayrac et al. 2022:
+                     only the resampler and the gated cross-attention
+                     train), with model=prefix fine-tuned (PaLI). Not with
+                     cross_attention (GPT-2 has no cross-attention blocks)
+                     or coca.
   smoke              a complete run in under 2 minutes on 2 CPU cores.
   seed=N             the run's seed.
   steps=N            training steps (default 1500).
@@ -34,11 +43,16 @@ to end. Expected result and runtime: README "Generation".
 import ml_collections
 
 from mmjax.configs import common
+from mmjax.errors import UsageError
+from mmjax.models import gpt2_config
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, model="prefix", smoke=False, seed=0,
+  args = common.parse_arg(arg, model="prefix", gpt2="", smoke=False, seed=0,
                           steps=1500)
+  if args.gpt2 and args.model not in ("prefix", "flamingo"):
+    raise UsageError(f"config argument gpt2 needs model=prefix or flamingo, "
+                     f"not {args.model}")
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
@@ -74,6 +88,19 @@ def get_config(arg=None):
         "positions": "learned", "dropout": 0.0}
     config.model.num_latents = 16  # flamingo's resampler
     config.model.xattn_every = 1
+  if args.gpt2:  # a pretrained GPT-2 as the decoder
+    offset = gpt2_config.PADDING_OFFSET
+    try:
+      config.model.decoder = {
+          **gpt2_config.read_gpt2_config(args.gpt2, offset), "dropout": 0.0}
+      config.model.bos_id = gpt2_config.token_id(args.gpt2, "<|endoftext|>",
+                                                 offset)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"config argument gpt2: {e}") from e
+    config.text.tokenizer = f"gpt2:{args.gpt2}"
+    config.model.init = {"decoder": f"gpt2:{args.gpt2}"}
+    if args.model == "flamingo":
+      config.frozen = "decoder/.*"
   common.set_generation(config, max_new_tokens=64)
 
   # Optimisation, parallelism, logging and checkpoints.

@@ -28,8 +28,8 @@ from mmjax import (checkpoint, configs, evaluators, methods, objectives,
                    parallel, registry, results, rundir)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
-from mmjax.models import (clip, generative, pretrained, siglip,
-                          vit_checkpoints)
+from mmjax.models import (causal_lm, clip, generative, gpt2_config,
+                          pretrained, siglip, vit_checkpoints)
 from mmjax.models.convert import first_mismatch
 from mmjax.models.factory import build_model  # noqa: F401 (re-exported)
 from mmjax.models.encoders import ENCODERS, FRONTENDS
@@ -297,22 +297,31 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
                     Hugging Face or big_vision .npz);
     "vit:<path>"    a ViT encoder's weights, for a `ViT` subtree such as
                     "tower_image/encoder" (`mmjax.models.vit_checkpoints`:
-                    timm safetensors or big_vision / AugReg .npz).
+                    timm safetensors or big_vision / AugReg .npz);
+    "gpt2:<dir>"    a Hugging Face GPT-2 checkpoint as a `TextDecoder`
+                    subtree such as "decoder" (`mmjax.models.causal_lm`),
+                    its ids moved up by one for padding id 0
+                    (`mmjax.models.gpt2_config`; the tokenizer is
+                    `text.tokenizer = "gpt2:<dir>"`).
 
   `loaded` caches whole checkpoints between entries that name the same one.
   """
   if name.startswith(("run:", "clip:", "siglip:")):
     tree = _checkpoint(name, path, {} if loaded is None else loaded)
     return _subtree(tree, path, f"config key 'model.init.{path}': {name}")
-  if name.startswith("vit:"):
-    try:
-      return vit_checkpoints.load_vit(name[len("vit:"):])[1]
-    except (OSError, ValueError) as e:
-      raise UsageError(f"config key 'model.init.{path}': {e}") from e
+  single = {"vit:": lambda d: vit_checkpoints.load_vit(d)[1],
+            "gpt2:": lambda d: causal_lm.load_gpt2(
+                d, id_offset=gpt2_config.PADDING_OFFSET)[1]}
+  for prefix, load in single.items():
+    if name.startswith(prefix):
+      try:
+        return load(name[len(prefix):])
+      except (OSError, ValueError) as e:
+        raise UsageError(f"config key 'model.init.{path}': {e}") from e
   loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
   configs.check_choice(f"model.init.{path}", name,
                        [*loaders, "run:<workdir>", "clip:<dir>",
-                        "siglip:<path>", "vit:<path>"])
+                        "siglip:<path>", "vit:<path>", "gpt2:<dir>"])
   return loaders[name]()
 
 

@@ -18,9 +18,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mmjax.data.tokenizer import HuggingFaceTokenizer
-from mmjax.models.causal_lm import (check_fits, first_mismatch, gpt2_config,
-                                    load_gpt2)
+from mmjax.data.tokenizer import HuggingFaceTokenizer, gpt2_tokenizer
+from mmjax.models.causal_lm import check_fits, first_mismatch, load_gpt2
+from mmjax.models.gpt2_config import gpt2_config
 from mmjax.models.decoder import TextDecoder
 
 VOCAB, WIDTH, HEADS, LAYERS, POSITIONS = 300, 32, 4, 2, 64
@@ -295,6 +295,16 @@ def test_tokenizer_padding_convention(bpe):
   ids, mask = zero(["!"])
   np.testing.assert_array_equal(ids, [[0, eos, 0, 0]])
   np.testing.assert_array_equal(mask, [[True, True, False, False]])
+  shifted = gpt2_tokenizer(bpe, 5)  # mmjax's convention: ids + 1, pad 0
+  ids, mask = shifted(["!", "fox"])
+  assert (shifted.eos_id, shifted.pad_id) == (eos + 1, 0)
+  assert shifted.vocab_size == tokenizer.vocab_size + 1
+  np.testing.assert_array_equal(ids[0], [1, eos + 1, 0, 0, 0])
+  fox, fox_mask = tokenizer(["fox"])
+  n = int(fox_mask.sum())
+  np.testing.assert_array_equal(ids[1], np.pad(fox[0, :n] + 1, (0, 5 - n)))
+  assert shifted.decode(ids) == ["!", "fox"]
+  assert shifted.decode(np.array([[1, 1, 0]])) == ["!!"]
   ids, mask = HuggingFaceTokenizer(bpe / "tokenizer.json", 1)(["fox"])
   assert ids.tolist() == [[eos]] and mask.all()
   with pytest.raises(ValueError, match="<eos>"):
@@ -325,3 +335,49 @@ def test_tokenizer_matches_gpt2tokenizerfast(bpe):
   assert len(reference(SENTENCES[-1])["input_ids"]) > LENGTH  # truncated
   assert decoded[-1] == reference.decode(ids[-1, :LENGTH - 1].tolist())
   assert SENTENCES[-1].startswith(decoded[-1])
+
+
+# --- GPT-2 as a generative model's decoder, through the trainer -------------
+
+
+def test_shifted_gpt2_gives_gpt2s_logits_one_column_up(numpy_checkpoint):
+  directory, _ = numpy_checkpoint
+  kwargs, params = load_gpt2(directory)
+  shifted_kwargs, shifted = load_gpt2(directory, id_offset=1)
+  assert shifted_kwargs == {**kwargs, "vocab_size": VOCAB + 1}
+  ids = np.random.default_rng(1).integers(0, VOCAB, (2, 7))
+  logits = TextDecoder(**kwargs).apply({"params": params}, ids)
+  moved = TextDecoder(**shifted_kwargs).apply({"params": shifted}, ids + 1)
+  np.testing.assert_allclose(moved[..., 1:], logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(moved[..., 0], 0.0)  # padding's zero row
+
+
+def test_flamingo_captioner_on_a_frozen_gpt2_through_the_trainer(tmp_path,
+                                                                 bpe):
+  # pylint: disable-next=import-outside-toplevel
+  from mmjax import configs, train
+  # A GPT-2 checkpoint directory: the BPE above and random GPT-2 tensors of
+  # its vocabulary.
+  vocab = HuggingFaceTokenizer(bpe / "tokenizer.json").vocab_size
+  hf_config = {**HF_CONFIG, "vocab_size": vocab}
+  directory = write_checkpoint(
+      tmp_path / "gpt2", gpt2_tensors(np.random.default_rng(2), hf_config),
+      hf_config)
+  shutil.copy(bpe / "tokenizer.json", directory)
+  config = configs.load_config(
+      f"configs/coco_mini_captioning.py:model=flamingo,gpt2={directory},smoke")
+  assert config.model.bos_id == vocab  # <|endoftext|> (id vocab - 1) + 1
+  config.total_steps = 6  # past the smoke warm-up of 5
+  config.generation.max_new_tokens = 4
+  config.eval_splits = ("test[:8]",)
+  config.eval_batch_size = 8  # over the 8 test devices
+  config.data_dir = str(tmp_path / "tfds")
+  state, metrics = train.train(config, str(tmp_path / "run"))
+  assert 0 <= metrics["eval/coco_mini_test[:8]/captioning/CIDEr-D"]
+  params = jax.device_get(state.params)
+  _, gpt2 = load_gpt2(directory, id_offset=1)
+  jax.tree.map(np.testing.assert_array_equal, params["decoder"], gpt2)
+  # The gated blocks learnt: their tanh gates, initialised at 0, moved.
+  gates = [params[f"gated_xattn_{i}"][f"alpha_{g}"]
+           for i in range(LAYERS) for g in ("xattn", "dense")]
+  assert all(g != 0 for g in gates), gates

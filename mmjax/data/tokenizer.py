@@ -180,9 +180,9 @@ class HuggingFaceTokenizer:
   (pad with the end token), and `mask` (from the row lengths, not the ids)
   says which positions are real: True at the text's ids and its one end
   token. `decode` stops at each row's first end token, so what follows it
-  (padding of any id) never matters. Passing `pad_id=0` gives mmjax's
-  generative convention (targets != 0 are the loss positions); with GPT-2's
-  vocabulary that also drops "!" from the loss, so prefer the mask. A text
+  (padding of any id) never matters. mmjax's generative models take id 0
+  for padding (targets != 0 are the loss positions): `id_offset=1,
+  pad_id=0` (`gpt2_tokenizer`) moves every id up by one to free it. A text
   that contains the end token's string is encoded with it (as Hugging Face
   does), so its decoding stops there.
 
@@ -193,11 +193,13 @@ class HuggingFaceTokenizer:
     eos_token: the end token, which must be in the vocabulary.
     pad_id: the padding id; default `eos_id`.
     bos_token: a start token put before the text (None: none).
+    id_offset: added to every id of the file (`gpt2_tokenizer`: 1, so that
+      id 0 is free for padding); `decode` takes it off again.
   """
 
   def __init__(self, path: str | os.PathLike, max_length: int = 128, *,
                eos_token: str = "<|endoftext|>", pad_id: int | None = None,
-               bos_token: str | None = None):
+               bos_token: str | None = None, id_offset: int = 0):
     path = pathlib.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"tokenizer file {path} does not exist "
@@ -205,6 +207,7 @@ class HuggingFaceTokenizer:
     self._tokenizer = _tokenizers().Tokenizer.from_file(str(path))
     self._tokenizer.no_truncation()
     self._tokenizer.no_padding()
+    self.id_offset = id_offset
 
     def token_id(token, what):
       if token is None:
@@ -212,7 +215,7 @@ class HuggingFaceTokenizer:
       if self._tokenizer.token_to_id(token) is None:
         raise ValueError(f"{what} token {token!r} is not in the vocabulary "
                          f"of {path}")
-      return self._tokenizer.token_to_id(token)
+      return self._tokenizer.token_to_id(token) + id_offset
 
     self.eos_id = token_id(eos_token, "end")
     self.bos_id = token_id(bos_token, "start")
@@ -229,7 +232,8 @@ class HuggingFaceTokenizer:
   @property
   def vocab_size(self) -> int:
     """The number of ids, added (special) tokens included."""
-    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+    return self._tokenizer.get_vocab_size(
+        with_added_tokens=True) + self.id_offset
 
   def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenises a batch of texts.
@@ -249,7 +253,8 @@ class HuggingFaceTokenizer:
     mask = np.zeros((len(texts), self.max_length), bool)
     encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
     for i, encoding in enumerate(encodings):
-      text = encoding.ids[:self.max_length - 1 - len(self._start)]
+      text = [i + self.id_offset for i in
+              encoding.ids[:self.max_length - 1 - len(self._start)]]
       row = self._start + text + [self.eos_id]
       ids[i, :len(row)] = row
       mask[i, :len(row)] = True
@@ -260,7 +265,8 @@ class HuggingFaceTokenizer:
     whole row if none), without special tokens (`bos_id` too)."""
     rows = []
     for row in np.asarray(ids).tolist():
-      rows.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
+      row = row[:row.index(self.eos_id)] if self.eos_id in row else row
+      rows.append([i - self.id_offset for i in row if i >= self.id_offset])
     return self._tokenizer.decode_batch(rows, skip_special_tokens=True)
 
 
@@ -285,6 +291,15 @@ class CLIPTokenizer(HuggingFaceTokenizer):
 
 
 clip_tokenizer = CLIPTokenizer
+
+
+def gpt2_tokenizer(directory: str | os.PathLike, max_length: int = 128
+                   ) -> HuggingFaceTokenizer:
+  """A GPT-2 checkpoint directory's `tokenizer.json` in mmjax's generative
+  convention: GPT-2's ids plus one (`mmjax.models.gpt2_config.
+  PADDING_OFFSET`), padding id 0, each text ending in <|endoftext|>."""
+  return HuggingFaceTokenizer(pathlib.Path(directory) / "tokenizer.json",
+                              max_length, pad_id=0, id_offset=1)
 
 
 def _sentencepiece():

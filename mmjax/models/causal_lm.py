@@ -56,7 +56,6 @@ faithfully. Its rotary positions alone are there (positions="rotary").
 """
 
 from collections.abc import Mapping
-import json
 import os
 import pathlib
 from typing import Any
@@ -68,63 +67,11 @@ import numpy as np
 from mmjax.models.convert import (first_mismatch, load_safetensors,
                                   param_shapes, split_heads)
 from mmjax.models.decoder import TextDecoder
-
-# activation_function -> TextDecoder's activation.
-GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                    "gelu_fast": "gelu_tanh", "gelu": "gelu"}
-
-# Config flags with the only value TextDecoder implements.
-_REQUIRED_FLAGS = {"scale_attn_weights": True,
-                   "scale_attn_by_inverse_layer_idx": False,
-                   "reorder_and_upcast_attn": False,
-                   "add_cross_attention": False}
+from mmjax.models.gpt2_config import read_gpt2_config
 
 _PREFIX = "transformer."
 # Non-parameter buffers of older GPT-2 checkpoints (the causal mask).
 _BUFFERS = ("attn.bias", "attn.masked_bias")
-
-
-def gpt2_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-  """`TextDecoder` keyword arguments from a Hugging Face GPT-2 config.json.
-
-  Returns:
-    vocab_size, width (n_embd), num_layers (n_layer), num_heads (n_head),
-    mlp_dim (n_inner, default 4 n_embd), max_length (n_positions),
-    positions="learned", layer_norm_epsilon and activation.
-
-  Raises:
-    ValueError: naming the config key TextDecoder cannot represent.
-  """
-  model_type = hf_config.get("model_type")
-  if model_type != "gpt2":
-    raise ValueError(f"config.json: model_type {model_type!r} is not "
-                     "supported; load_gpt2 reads model_type 'gpt2'")
-  activation = hf_config.get("activation_function", "gelu_new")
-  if activation not in GPT2_ACTIVATIONS:
-    raise ValueError(f"config.json: activation_function {activation!r} is "
-                     "not supported; TextDecoder has "
-                     f"{sorted(GPT2_ACTIVATIONS)}")
-  for key, value in _REQUIRED_FLAGS.items():
-    if bool(hf_config.get(key, value)) != value:
-      raise ValueError(f"config.json: {key}={hf_config[key]!r} is not "
-                       f"supported; TextDecoder needs {key}={value}")
-  for key in ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"):
-    if key not in hf_config:
-      raise ValueError(f"config.json lacks {key!r}")
-  width, heads = hf_config["n_embd"], hf_config["n_head"]
-  if width % heads:
-    raise ValueError(f"config.json: n_embd={width} is not divisible by "
-                     f"n_head={heads}")
-  return dict(
-      vocab_size=hf_config["vocab_size"],
-      width=width,
-      num_layers=hf_config["n_layer"],
-      num_heads=heads,
-      mlp_dim=hf_config.get("n_inner") or 4 * width,
-      max_length=hf_config["n_positions"],
-      positions="learned",
-      layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
-      activation=GPT2_ACTIVATIONS[activation])
 
 
 def convert_gpt2(state: Mapping[str, Any], config: Mapping[str, Any],
@@ -225,13 +172,16 @@ def check_fits(params: Mapping[str, Any], config: Mapping[str, Any]) -> None:
                      f"{mismatch}")
 
 
-def load_gpt2(directory: str | os.PathLike,
-              dtype=np.float32) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_gpt2(directory: str | os.PathLike, dtype=np.float32,
+              id_offset: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
   """Loads a Hugging Face GPT-2-family checkpoint directory without torch.
 
   Args:
     directory: holds `config.json` and `model.safetensors` (or its shards).
     dtype: numpy dtype of the returned parameters.
+    id_offset: zero rows put before the token embedding's, so that id
+      i + id_offset is GPT-2's id i (`PADDING_OFFSET` for mmjax's padding
+      id 0, `mmjax.models.gpt2_config`); vocab_size grows by as much.
 
   Returns:
     (decoder_kwargs, params): `TextDecoder(**decoder_kwargs)` (add dropout,
@@ -242,12 +192,13 @@ def load_gpt2(directory: str | os.PathLike,
     ValueError: naming the config key or tensor TextDecoder cannot
       represent, or the first parameter that does not fit the config.
   """
-  directory = pathlib.Path(directory)
-  config_file = directory / "config.json"
-  if not config_file.is_file():
-    raise FileNotFoundError(f"GPT-2 checkpoint file {config_file} does not "
-                            "exist")
-  config = gpt2_config(json.loads(config_file.read_text()))
-  params = convert_gpt2(load_safetensors(directory), config, dtype)
+  config = read_gpt2_config(directory)
+  params = convert_gpt2(load_safetensors(pathlib.Path(directory)), config,
+                        dtype)
   check_fits(params, config)
+  if id_offset:
+    embedding = params["token_embeddings"]["embedding"]
+    params["token_embeddings"]["embedding"] = np.concatenate(
+        [np.zeros((id_offset, embedding.shape[1]), dtype), embedding])
+    config = {**config, "vocab_size": config["vocab_size"] + id_offset}
   return config, params
