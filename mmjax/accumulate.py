@@ -9,12 +9,17 @@ gradient function once, for k and the kind of objective:
 
   k = 1          `full_batch`: one forward and backward pass over the batch
                  (the trainer's step without accumulation).
-  per-example    `microbatched` (objective "supervised"): a `jax.lax.scan`
-  losses         over the k microbatches computes each one's loss and
-                 gradients and carries their sum; the gradient is sum / k,
-                 the mean of the microbatches' gradients of their mean
-                 losses, which is the full batch's gradient for a loss that
-                 averages over examples.
+  per-example    `microbatched` (objectives "supervised", "captioning"): a
+  losses         `jax.lax.scan` over the k microbatches computes each one's
+                 loss and gradients and carries their sum; the gradient is
+                 sum / k, the mean of the microbatches' gradients of their
+                 mean losses, which is the full batch's gradient for a loss
+                 that averages over examples. A loss that averages over
+                 something else (captioning: target tokens, of which the
+                 microbatches hold different numbers) names it
+                 (`objectives.loss_weight`): the gradient is then
+                 sum_j w_j g_j / sum_j w_j, microbatch j's gradient g_j
+                 weighed by its count w_j, again the full batch's.
   contrastive    `cached_embeddings` (objectives softmax, sigmoid,
   losses         sigmoid_ring: `objectives.whole_batch`): an example's loss
                  depends on the whole global batch (its negatives), so a
@@ -110,17 +115,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmjax import parallel
 
 
-def gradient_fn(steps: int, *, whole_batch: bool = False, mesh=None):
+def gradient_fn(steps: int, *, whole_batch: bool = False, loss_weight=None,
+                mesh=None):
   """The train step's gradient function (module docstring) for `steps`
   microbatches; `whole_batch` for an objective whose loss couples every
-  example with the whole batch (`objectives.whole_batch`); `mesh` the
-  trainer's, whose batch axes the batch is sharded over (None: one device)."""
+  example with the whole batch (`objectives.whole_batch`); `loss_weight`
+  (batch -> scalar) for one whose loss is a mean over another count
+  (`objectives.loss_weight`); `mesh` the trainer's, whose batch axes the
+  batch is sharded over (None: one device)."""
   if not isinstance(steps, int) or steps < 1:
     raise ValueError(f"grad_accum_steps must be a positive int, got {steps!r}")
   if steps == 1:
     return full_batch
-  fn = cached_embeddings if whole_batch else microbatched
-  return functools.partial(fn, steps=steps, mesh=mesh)
+  if whole_batch:
+    return functools.partial(cached_embeddings, steps=steps, mesh=mesh)
+  return functools.partial(microbatched, steps=steps, mesh=mesh,
+                           loss_weight=loss_weight)
 
 
 def full_batch(forward, objective, params, batch, rng):
@@ -134,9 +144,11 @@ def full_batch(forward, objective, params, batch, rng):
 
 
 def microbatched(forward, objective, params, batch, rng, *, steps: int,
-                 mesh=None):
+                 mesh=None, loss_weight=None):
   """Gradients summed over `steps` microbatches by a scan, divided by
-  `steps`: the full batch's for a loss that is a mean over examples."""
+  `steps`: the full batch's for a loss that is a mean over examples; with
+  `loss_weight`, each microbatch's weighed by its count and divided by the
+  counts' sum."""
   micro = split_batch(batch, steps, mesh)  # {key: [k, b, ...]}
   b = _microbatch_size(batch, steps)
 
@@ -144,16 +156,20 @@ def microbatched(forward, objective, params, batch, rng, *, steps: int,
     outputs, updates = forward(params, batch, rng)
     return objective(outputs, batch)[0], (outputs, updates)
 
-  def add_microbatch(total, xs):  # forward and backward of b examples
+  def add_microbatch(carry, xs):  # forward and backward of b examples
+    total, count = carry
     j, batch_j = xs
     grads, aux = jax.grad(loss_fn, has_aux=True)(
         params, batch_j, jax.random.fold_in(rng, j))
-    return jax.tree.map(jnp.add, total, grads), aux
+    w = 1.0 if loss_weight is None else loss_weight(batch_j).astype(
+        jnp.float32)
+    return (jax.tree.map(lambda t, g: t + w * g, total, grads),
+            count + w), aux
 
-  total, (outputs, updates) = jax.lax.scan(
-      add_microbatch, jax.tree.map(jnp.zeros_like, params),
+  (total, count), (outputs, updates) = jax.lax.scan(
+      add_microbatch, (jax.tree.map(jnp.zeros_like, params), jnp.float32(0)),
       (jnp.arange(steps), micro))
-  grads = jax.tree.map(lambda g: g / steps, total)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), total)
   outputs = merge_microbatches(outputs, b, mesh)
   _, metrics = objective(outputs, batch)
   return grads, (metrics, _combine_updates(updates, b, mesh), outputs)

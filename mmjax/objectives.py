@@ -85,8 +85,9 @@ def captioning(outputs, batch: dict, weights=None):
     token counts). `weights` must be None.
 
   Returns (loss, {"loss", "token_accuracy", "perplexity"}), each over the
-  batch's target tokens. Under gradient accumulation every microbatch's
-  token mean counts equally (exact when microbatches hold as many tokens).
+  batch's target tokens. Under gradient accumulation each microbatch's
+  gradient is weighed by its target tokens (`loss_weight`), so the result is
+  the full batch's token mean however the tokens fall.
   """
   if weights is not None:
     raise ValueError("the captioning objective takes no head weights")
@@ -99,6 +100,9 @@ def captioning(outputs, batch: dict, weights=None):
   correct = jnp.argmax(outputs["logits"], -1) == targets
   return loss, {"loss": loss, "token_accuracy": jnp.sum(correct * mask) / count,
                 "perplexity": jnp.exp(loss)}
+
+
+captioning.loss_weight = lambda batch: jnp.sum(batch["text"] != 0)
 
 
 def _pairwise(pair_loss, outputs: dict, batch: dict, weights=None):
@@ -139,6 +143,15 @@ def whole_batch(objective) -> bool:
   attribute `whole_batch = True` too), so that it cannot be summed over
   microbatches."""
   return bool(getattr(objective, "whole_batch", False))
+
+
+def loss_weight(objective):
+  """batch -> the count that `objective`'s loss is a mean over, where that
+  is not the batch's examples (captioning: its target tokens), or None;
+  gradient accumulation weighs each microbatch's gradient by it
+  (`mmjax.accumulate.microbatched`). An objective of one's own may set the
+  attribute `loss_weight` too."""
+  return getattr(objective, "loss_weight", None)
 
 
 OBJECTIVES = ("supervised", "softmax", "sigmoid", "sigmoid_ring",

@@ -11,7 +11,8 @@ import pytest
 from mmjax import (accumulate, checkpoint, configs, experiment, methods,
                    objectives, parallel, train)
 from mmjax.errors import UsageError
-from mmjax.models.factory import build_classifier, build_contrastive
+from mmjax.models.factory import (build_classifier, build_contrastive,
+                                  build_generative)
 
 # Encoders without BatchNorm or dropout: accumulation is then exact.
 VIT = {"name": "vit", "width": 8, "depth": 1, "mlp_dim": 16, "num_heads": 2,
@@ -163,6 +164,38 @@ def test_supervised_accumulation_equals_the_full_batch(classifier):
   _, (metrics, _, _) = accumulated(variables["params"], batch)
   _, (ref_metrics, _, _) = full(variables["params"], batch)
   assert_trees_close(metrics, ref_metrics, **TOL)
+
+
+def test_captioning_accumulation_weighs_microbatches_by_their_tokens():
+  """The captioning loss is a mean over target tokens: with microbatches
+  of 28 and 8 tokens, the accumulated gradient is the full batch's only if
+  each microbatch's counts by its tokens (`objectives.loss_weight`)."""
+  model = build_generative(
+      modalities=(), encoders={}, conditioning="prefix", num_latents=4,
+      xattn_every=1, num_heads=2, decoder=dict(
+          vocab_size=23, width=16, num_layers=2, num_heads=2, mlp_dim=32,
+          max_length=16))
+  text = np.random.default_rng(3).integers(2, 23, (8, 8)).astype(np.int32)
+  text[:4, 7:] = 0  # microbatch 0: 4 x 7 target tokens
+  text[4:, 2:] = 0  # microbatch 1: 4 x 2 target tokens
+  batch = {"text": jnp.asarray(text)}
+  variables = model.init(jax.random.PRNGKey(0), batch)
+  forward = forward_fn(model, variables)
+  objective = lambda o, b: objectives.captioning(o, b)
+  rng = jax.random.PRNGKey(1)
+  weight = objectives.loss_weight(objectives.captioning)
+  assert int(weight(batch)) == 4 * 7 + 4 * 2
+  full, (ref_metrics, _, _) = accumulate.full_batch(
+      forward, objective, variables["params"], batch, rng)
+  grads, (metrics, _, _) = accumulate.gradient_fn(2, loss_weight=weight)(
+      forward, objective, variables["params"], batch, rng)
+  assert_trees_close(grads, full, **TOL)
+  assert_trees_close(metrics, ref_metrics, **TOL)
+  unweighted, _ = accumulate.gradient_fn(2)(
+      forward, objective, variables["params"], batch, rng)
+  gap = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(unweighted), jax.tree.leaves(full)))
+  assert gap > 1e-3  # a mean of the two token means is another gradient
 
 
 def test_batchnorm_uses_microbatch_statistics_and_averages_the_updates():
