@@ -48,6 +48,12 @@ setuptools.setup(
         "text": ["tokenizers>=0.15", "safetensors>=0.4",
                  "sentencepiece>=0.2,<0.3"],
         "cuda": ["jax[cuda12]>=0.6,<0.11"],
+        # Preparing tfds catalogue datasets whose builders need TensorFlow
+        # (coco_captions, imagenet2012, imagenet_v2) and their tests
+        # (`.ci/tensorflow`); mmjax reads the prepared array_record files
+        # without it. tfds 4.9.10 prepares only with importlib_resources
+        # installed (tensorflow/datasets#11212).
+        "tensorflow": ["tensorflow-cpu==2.21.*", "importlib_resources"],
         # References for the pretrained-weight parity tests (GPT-2 built
         # locally by transformers); mmjax itself never imports torch. The
         # CPU build: pip install torch==2.13.0 --index-url
