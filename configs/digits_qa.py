@@ -33,6 +33,13 @@ Arguments (comma list after the colon):
                 image_question   the same without audio
                 question_only    the question alone
   lm=DIR      flamingo: the workdir of a finished model=lm run.
+  image=NAME  the image encoder: grid (default) an image LeNet keeping its
+              7x7 grid of tokens; cells: the grid's four 28x28 cells each
+              through one MNIST LeNet (configs/mnist.py's), a token per
+              cell plus a learned cell embedding (`patches`).
+  cells=DIR   image=cells: the workdir of a finished configs/mnist.py run,
+              whose LeNet the cells start from, locked (the vision encoder
+              pretrained apart, as in Flamingo and PaLI).
   smoke       a complete run in under 2 minutes on 2 CPU cores.
   seed=N      the run's seed.
   steps=N     training steps (default 3000, 9.6 epochs of 20,000).
@@ -43,19 +50,23 @@ log-mel in the model), a question and a short answer; 8 question families
 needing the image, the audio or both; splits train 20,000 / val 1,000 /
 test 2,000 / test_compositional 1,000 (held-out family x digit
 combinations). Questions and answers are UTF-8 bytes (ByteTokenizer).
-Encoders: the grid's four 28x28 cells each through one MNIST LeNet (64
-channels) with a learned embedding per cell (`patches`: 4 tokens), a
-spectrogram LeNet (one token); for the classifiers a 2-layer byte-level BERT over the
+Encoders: an image LeNet keeping its 7x7 grid of tokens (or, with
+image=cells, four cell tokens), a spectrogram LeNet (one token); for the classifiers a 2-layer byte-level BERT over the
 question. Evaluation: `vqa`, exact-match accuracy per family.
 
 Expected result and runtime: README "Generation" and
 experiments/digits_qa.
 """
 
+import pathlib
+
 import ml_collections
 
+from mmjax import configs
 from mmjax.configs import common
 from mmjax.errors import UsageError
+
+_MNIST = configs.load_module(pathlib.Path(__file__).with_name("mnist.py"))
 
 GENERATIVE = ("prefix", "cross_attention", "flamingo", "lm")
 CLASSIFIERS = {"classifier": ("image", "audio", "text"),
@@ -67,8 +78,13 @@ FAMILIES = ("digit_at", "count", "sum", "compare", "spoken", "spoken_in_grid",
 ANSWERS = tuple(str(i) for i in range(19)) + (
     "yes", "no", "top left", "top right", "bottom left", "bottom right")
 
-IMAGE = {"name": "patches", "patch_size": 28,  # one token per grid cell
-         "patch": {"name": "lenet", "features": 8, "extra_layers": 3}}
+IMAGE = {"name": "lenet", "features": 8, "extra_layers": 3,
+         "final_pool": False}  # 56 -> 7x7 tokens of 64 channels
+# image=cells: each 28x28 cell through configs/mnist.py's LeNet, one token
+# per cell with a learned cell embedding at the features' scale.
+CELLS = {"name": "patches", "patch_size": 28,
+         "patch": _MNIST.CELL_LENET, "position_std": 1.0}
+CELL_ENCODER = "encoder_image/patch_encoder"  # its parameters in the model
 AUDIO = {"name": "lenet", "features": 6, "extra_layers": 4,
          "frontend": {"name": "logmel", "sample_rate": 8000, "n_fft": 256,
                       "hop_length": 64, "n_mels": 64}}
@@ -78,11 +94,16 @@ QUESTION = {"name": "bert", "vocab_size": common.BYTE_VOCAB_SIZE,
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, model="prefix", lm="", smoke=False, seed=0,
+  args = common.parse_arg(arg, model="prefix", lm="", image="grid", cells="",
+                          smoke=False, seed=0,
                           steps=3000)
   if args.model not in GENERATIVE and args.model not in CLASSIFIERS:
     raise UsageError(f"config argument model={args.model}: known "
                      f"{', '.join(GENERATIVE + tuple(CLASSIFIERS))}")
+  if args.image not in ("grid", "cells"):
+    raise UsageError(f"config argument image={args.image}: grid or cells")
+  if args.cells and args.image != "cells":
+    raise UsageError("config argument cells needs image=cells")
   if args.lm and args.model != "flamingo":
     raise UsageError("config argument lm needs model=flamingo")
   config = ml_collections.ConfigDict()
@@ -109,7 +130,8 @@ def get_config(arg=None):
 
   # Model.
   config.model = ml_collections.ConfigDict()
-  encoders = {"image": IMAGE, "audio": AUDIO, "text": QUESTION}
+  encoders = {"image": CELLS if args.image == "cells" else IMAGE,
+              "audio": AUDIO, "text": QUESTION}
   config.model.encoders = {m: encoders[m] for m in modalities}
   if generative:
     config.objective = "captioning"
@@ -123,9 +145,6 @@ def get_config(arg=None):
     config.model.num_latents = 16
     config.model.xattn_every = 1
     common.set_generation(config, max_new_tokens=16)
-    if args.lm:  # Flamingo: the LM of a model=lm run, frozen
-      config.model.init = {"decoder": f"run:{args.lm}"}
-      config.frozen = "decoder/.*"
   else:
     config.objective = "supervised"
     config.model.fusion = "bottleneck"  # token positions: the grid cells
@@ -135,6 +154,17 @@ def get_config(arg=None):
     config.model.num_classes = len(ANSWERS)
     config.model.modality_dropout = {}
     config.model.missing = "zero"
+  # Pretrained parts, locked: Flamingo's LM, the cells' MNIST LeNet.
+  init, frozen = {}, []
+  if args.lm:
+    init["decoder"] = f"run:{args.lm}"
+    frozen.append("decoder/.*")
+  if args.cells and "image" in modalities:
+    init[CELL_ENCODER] = f"run:{args.cells}#encoder_image"
+    frozen.append(f"{CELL_ENCODER}/.*")
+  if init:
+    config.model.init = init
+    config.frozen = "|".join(frozen)
 
   # Optimisation, parallelism, logging and checkpoints.
   common.set_training(config, batch_size=64, steps=args.steps,

@@ -268,8 +268,8 @@ def _subtree(params: dict, path: str, where: str):
 
 def _checkpoint(name: str, path: str, loaded: dict):
   """The whole parameter tree that a "run:", "clip:" or "siglip:" entry
-  names, read
-  once per `load_pretrained` call (`loaded` holds what was read)."""
+  names (without its "#<path>"), read once per `load_pretrained` call
+  (`loaded` holds what was read)."""
   if name not in loaded:
     kind, _, location = name.partition(":")
     readers = {"run": checkpoint.read_params,
@@ -289,7 +289,9 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
                     (`mmjax.models.pretrained`);
     "run:<workdir>" the subtree at `path` of another mmjax run's latest
                     checkpoint (e.g. the text-only LM a Flamingo model
-                    freezes);
+                    freezes); "run:<workdir>#<source>" its subtree at
+                    <source> instead (e.g. an MNIST classifier's
+                    "encoder_image" as a patch encoder's LeNet);
     "clip:<dir>"    the subtree at `path` of a CLIP checkpoint's
                     ContrastiveModel tree (`mmjax.models.clip`: Hugging
                     Face or open_clip), e.g. "tower_image";
@@ -307,8 +309,11 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
   `loaded` caches whole checkpoints between entries that name the same one.
   """
   if name.startswith(("run:", "clip:", "siglip:")):
-    tree = _checkpoint(name, path, {} if loaded is None else loaded)
-    return _subtree(tree, path, f"config key 'model.init.{path}': {name}")
+    location, _, source = name.partition("#") if name.startswith("run:") else (
+        name, "", "")
+    tree = _checkpoint(location, path, {} if loaded is None else loaded)
+    return _subtree(tree, source or path,
+                    f"config key 'model.init.{path}': {location}")
   single = {"vit:": lambda d: vit_checkpoints.load_vit(d)[1],
             "gpt2:": lambda d: causal_lm.load_gpt2(
                 d, id_offset=gpt2_config.PADDING_OFFSET)[1]}

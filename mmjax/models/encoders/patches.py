@@ -17,7 +17,9 @@ class PatchEncoder(nn.Module):
   Every patch goes through the same encoder `patch` (an `ENCODERS` spec,
   e.g. `{"name": "lenet"}`), whose tokens are mean-pooled to one vector per
   patch, in row-major patch order; `positions=True` adds a learned embedding
-  per patch (normal, std 0.02). This is the hybrid ViT's patch embedding
+  per patch (normal, std `position_std`: 0.02 as ViT's, or the scale of the
+  patch encoder's features, so that attention can tell the patches apart by
+  place from the first step). This is the hybrid ViT's patch embedding
   with a convolutional network in place of the linear projection
   (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, section
   3.1, "Hybrid Architecture"), without its transformer: the model that reads
@@ -31,6 +33,7 @@ class PatchEncoder(nn.Module):
   patch: Mapping
   patch_size: int
   positions: bool = True
+  position_std: float = 0.02
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -53,6 +56,7 @@ class PatchEncoder(nn.Module):
     tokens = rearrange(tokens, "(b n) d -> b n d", b=b)  # [B, N, D]
     if not self.positions:
       return tokens
-    embedding = self.param("position_embedding", nn.initializers.normal(0.02),
+    embedding = self.param("position_embedding",
+                           nn.initializers.normal(self.position_std),
                            tokens.shape[1:], self.param_dtype)
     return tokens + embedding.astype(tokens.dtype)
