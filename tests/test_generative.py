@@ -216,7 +216,8 @@ def test_decoder_rejects_a_sequence_longer_than_its_positions():
 
 def test_weights_of_another_run_load_by_path(tmp_path):
   """model.init {"decoder": "run:<workdir>"}: the subtree of that run's
-  latest checkpoint, as stored (Flamingo's frozen LM)."""
+  latest checkpoint, as stored (Flamingo's frozen LM); "run:<workdir>#a/b"
+  its subtree at a/b."""
   from mmjax import checkpoint, experiment
   from mmjax.errors import UsageError
   params = {"decoder": {"norm_out": {"scale": np.arange(3.0)}},
@@ -228,5 +229,12 @@ def test_weights_of_another_run_load_by_path(tmp_path):
   np.testing.assert_array_equal(loaded["norm_out"]["scale"], np.arange(3.0))
   with pytest.raises(UsageError, match="no parameters at 'encoder'"):
     experiment.pretrained_weights("encoder", f"run:{tmp_path}")
+  # "#<path>": the subtree at another path (a classifier's encoder as a
+  # patch encoder's LeNet).
+  moved = experiment.pretrained_weights("encoder_image/patch_encoder",
+                                        f"run:{tmp_path}#other")
+  np.testing.assert_array_equal(moved["w"], np.ones(2))
+  with pytest.raises(UsageError, match="no parameters at 'missing'"):
+    experiment.pretrained_weights("decoder", f"run:{tmp_path}#missing")
   with pytest.raises(UsageError, match="no checkpoints"):
     experiment.pretrained_weights("decoder", f"run:{tmp_path / 'none'}")
