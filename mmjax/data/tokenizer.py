@@ -253,7 +253,7 @@ class HuggingFaceTokenizer:
     mask = np.zeros((len(texts), self.max_length), bool)
     encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
     for i, encoding in enumerate(encodings):
-      text = [i + self.id_offset for i in
+      text = [t + self.id_offset for t in
               encoding.ids[:self.max_length - 1 - len(self._start)]]
       row = self._start + text + [self.eos_id]
       ids[i, :len(row)] = row
@@ -266,7 +266,7 @@ class HuggingFaceTokenizer:
     rows = []
     for row in np.asarray(ids).tolist():
       row = row[:row.index(self.eos_id)] if self.eos_id in row else row
-      rows.append([i - self.id_offset for i in row if i >= self.id_offset])
+      rows.append([t - self.id_offset for t in row if t >= self.id_offset])
     return self._tokenizer.decode_batch(rows, skip_special_tokens=True)
 
 
@@ -298,8 +298,9 @@ def gpt2_tokenizer(directory: str | os.PathLike, max_length: int = 128
   """A GPT-2 checkpoint directory's `tokenizer.json` in mmjax's generative
   convention: GPT-2's ids plus one (`mmjax.models.gpt2_config.
   PADDING_OFFSET`), padding id 0, each text ending in <|endoftext|>."""
+  from mmjax.models.gpt2_config import PADDING_OFFSET  # pylint: disable=import-outside-toplevel
   return HuggingFaceTokenizer(pathlib.Path(directory) / "tokenizer.json",
-                              max_length, pad_id=0, id_offset=1)
+                              max_length, pad_id=0, id_offset=PADDING_OFFSET)
 
 
 def _sentencepiece():
