@@ -167,6 +167,16 @@ def _tfds_build(*args, env=None, downloads=None, check=True):
   return _run(TFDS_BUILD, *args, env=env, check=check)
 
 
+def _build_only_with_tensorflow(args, without_tensorflow, downloads=None):
+  """`tfds build ARGS` fails where TensorFlow cannot be imported, then
+  prepares the dataset where it can."""
+  failed = _tfds_build(*args, env=without_tensorflow, downloads=downloads,
+                       check=False)
+  assert failed.returncode and ("No module named 'tensorflow'" in
+                                failed.stderr), failed.stderr[-2000:]
+  _tfds_build(*args, downloads=downloads)
+
+
 def _read_and_train(config_arg, data_dir, split, env, workdir=None):
   """The records (each with its image's shape) and, given a workdir, the
   run's final metrics, read and trained without TensorFlow."""
@@ -255,10 +265,7 @@ def test_imagenet2012_prepared_with_tensorflow_read_without(
   args = ["imagenet2012", f"--data_dir={data_dir}", f"--manual_dir={manual}",
           "--file_format=array_record"]
 
-  failed = _tfds_build(*args, env=without_tensorflow, check=False)
-  assert failed.returncode and ("No module named 'tensorflow'" in
-                                failed.stderr), failed.stderr[-2000:]
-  _tfds_build(*args)
+  _build_only_with_tensorflow(args, without_tensorflow)
   prepared = data_dir / "imagenet2012" / "5.1.0"
   assert sorted(p.name for p in prepared.glob("*.array_record*")) == [
       "imagenet2012-train.array_record-00000-of-00001",
@@ -301,11 +308,8 @@ def test_imagenet_v2_prepared_with_tensorflow_read_without(
   args = ["imagenet_v2/matched-frequency", f"--data_dir={data_dir}",
           "--file_format=array_record"]
 
-  failed = _tfds_build(*args, env=without_tensorflow,
-                       downloads=tmp_path / "downloads.json", check=False)
-  assert failed.returncode and ("No module named 'tensorflow'" in
-                                failed.stderr), failed.stderr[-2000:]
-  _tfds_build(*args, downloads=tmp_path / "downloads.json")
+  _build_only_with_tensorflow(args, without_tensorflow,
+                              tmp_path / "downloads.json")
 
   records, _ = _read_and_train(f"{ZERO_SHOT},dataset=imagenet_v2", data_dir,
                                "test", without_tensorflow)
@@ -378,11 +382,8 @@ def test_coco_captions_prepared_with_tensorflow_read_without(
   args = ["coco_captions", f"--data_dir={data_dir}",
           "--file_format=array_record"]
 
-  failed = _tfds_build(*args, env=without_tensorflow,
-                       downloads=tmp_path / "downloads.json", check=False)
-  assert failed.returncode and ("No module named 'tensorflow'" in
-                                failed.stderr), failed.stderr[-2000:]
-  _tfds_build(*args, downloads=tmp_path / "downloads.json")
+  _build_only_with_tensorflow(args, without_tensorflow,
+                              tmp_path / "downloads.json")
   info = json.loads((data_dir / "coco_captions" / "2014" / "1.1.0" /
                      "dataset_info.json").read_text())
   assert {s["name"]: int(s["shardLengths"][0]) for s in info["splits"]} == {
