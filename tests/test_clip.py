@@ -23,6 +23,8 @@ from mmjax.errors import UsageError
 from mmjax.models import clip
 from mmjax.models.clip_config import CLIP_MEAN, CLIP_STD
 
+import lit_run  # tests/lit_run.py
+
 DATA = pathlib.Path(__file__).parent / "data"
 FIXTURES = {"hf": DATA / "clip_tiny_hf", "open_clip": DATA / "clip_tiny_open_clip"}
 TEXTS = ["A man riding a wave on top of a surfboard.", "a", "Ünïcödé café",
@@ -146,20 +148,10 @@ def test_config_errors_are_usage_errors(tmp_path):
 
 def test_lit_trains_the_text_tower_against_the_locked_clip_image_tower(
     tmp_path):
-  from mmjax import train  # pylint: disable=import-outside-toplevel
   config = load_config(f"configs/lit_clip.py:clip={FIXTURES['hf']},smoke")
-  config.total_steps = 6
-  config.eval_batch_size = 40  # over the 8 test devices
-  config.data_dir = str(tmp_path / "tfds")
-  state, metrics = train.train(config, str(tmp_path / "run"))
-  assert 0 <= metrics["eval/coco_mini/retrieval/text_to_image/R@1"] <= 1
-  _, loaded = clip.load_clip(FIXTURES["hf"])
-  params = jax.device_get(state.params)
-  jax.tree.map(np.testing.assert_array_equal, params["tower_image"],
-               loaded["tower_image"])
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                       params["tower_text"], loaded["tower_text"])
-  assert all(jax.tree.leaves(moved))
+  params = lit_run.train_lit(config, tmp_path)
+  lit_run.assert_image_locked_text_moved(params,
+                                         clip.load_clip(FIXTURES["hf"])[1])
 
 
 class Holder(flax.struct.PyTreeNode):

@@ -23,6 +23,8 @@ from mmjax.data.tokenizer import siglip_tokenizer
 from mmjax.errors import UsageError
 from mmjax.models import siglip
 
+import lit_run  # tests/lit_run.py
+
 FIXTURE = pathlib.Path(__file__).parent / "data" / "siglip_tiny_hf"
 
 
@@ -296,42 +298,27 @@ def test_tokenizer_matches_siglip_tokenizer_live():
 def test_lit_trains_the_text_tower_against_the_locked_siglip_image_tower(
     tmp_path):
   pytest.importorskip("sentencepiece")
-  from mmjax import train  # pylint: disable=import-outside-toplevel
   from mmjax.configs import load_config  # pylint: disable=import-outside-toplevel
   config = load_config(f"configs/lit.py:siglip={FIXTURE},smoke")
   assert config.text.tokenizer == f"siglip:{FIXTURE}"
   assert config.text.max_length == 16 and config.objective == "sigmoid"
-  config.total_steps = 6
-  config.eval_batch_size = 40  # over the 8 test devices
-  config.data_dir = str(tmp_path / "tfds")
-  state, metrics = train.train(config, str(tmp_path / "run"))
-  assert 0 <= metrics["eval/coco_mini/retrieval/text_to_image/R@1"] <= 1
-  _, loaded = siglip.load_siglip(FIXTURE)
-  params = jax.device_get(state.params)
-  jax.tree.map(np.testing.assert_array_equal, params["tower_image"],
-               loaded["tower_image"])
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                       params["tower_text"], loaded["tower_text"])
-  assert all(jax.tree.leaves(moved))
+  params = lit_run.train_lit(config, tmp_path)
+  lit_run.assert_image_locked_text_moved(params,
+                                         siglip.load_siglip(FIXTURE)[1])
 
 
 def test_lit_from_a_vit_checkpoint_trains_a_text_tower_from_scratch(
     tmp_path):
-  from mmjax import train  # pylint: disable=import-outside-toplevel
   from mmjax.configs import load_config  # pylint: disable=import-outside-toplevel
   from mmjax.models import vit_checkpoints  # pylint: disable=import-outside-toplevel
   vit = FIXTURE.parent / "timm_vit_tiny"
   config = load_config(f"configs/lit.py:vit={vit},smoke")
   assert (config.text.tokenizer, config.image_size) == ("bytes", 32)
   assert dict(config.model.init) == {"tower_image/encoder": f"vit:{vit}"}
-  config.total_steps = 6
-  config.eval_batch_size = 40
-  config.data_dir = str(tmp_path / "tfds")
-  state, metrics = train.train(config, str(tmp_path / "run"))
-  assert 0 <= metrics["eval/coco_mini/retrieval/text_to_image/R@1"] <= 1
-  _, loaded = vit_checkpoints.load_vit(vit)
+  params = lit_run.train_lit(config, tmp_path)
   jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(state.params)["tower_image"]["encoder"], loaded)
+               params["tower_image"]["encoder"],
+               vit_checkpoints.load_vit(vit)[1])
 
 
 def test_lit_config_errors_are_usage_errors(tmp_path):
