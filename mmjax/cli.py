@@ -131,6 +131,26 @@ def quiet_libraries():
     tfds.disable_progress_bar()
 
 
+_interrupted = False  # SIGINT seen since `main` began (`_on_sigint`)
+
+
+def _on_sigint(*_):
+  """SIGINT's handler: KeyboardInterrupt where Python is running, as the
+  default one raises, and a record of it. Python drops an exception raised
+  inside some callbacks (jax's garbage-collection callback: "Exception
+  ignored in ..."), so a long loop also asks `raise_if_interrupted`."""
+  global _interrupted  # pylint: disable=global-statement
+  _interrupted = True
+  raise KeyboardInterrupt
+
+
+def raise_if_interrupted():
+  """KeyboardInterrupt if SIGINT arrived under `main` (its own may have
+  been dropped)."""
+  if _interrupted:
+    raise KeyboardInterrupt
+
+
 def main(run: Callable[[Sequence[str]], int | None], program: Program,
          argv: Sequence[str] | None = None,
          errors: Mapping[type, int] | None = None) -> int:
@@ -149,7 +169,9 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
   if "--help" in argv or "-h" in argv:
     print(help_text(argv, program))
     return 0
-  signal.signal(signal.SIGINT, signal.default_int_handler)
+  global _interrupted  # pylint: disable=global-statement
+  _interrupted = False
+  signal.signal(signal.SIGINT, _on_sigint)
   quiet_libraries()
   from mmjax import hardware  # pylint: disable=import-outside-toplevel
   errors = {UsageError: 2, **(errors or {})}

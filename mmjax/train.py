@@ -219,6 +219,7 @@ def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
     interval_start, interval_steps = time.time(), 0
     final = {}
     while step < config.total_steps:
+      cli.raise_if_interrupted()  # a SIGINT whose KeyboardInterrupt was lost
       if batch is None:
         batch = next(data)
       state, metrics = compiled(state, batch)

@@ -2,6 +2,7 @@
 files as data (mmjax/configs)."""
 
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -86,3 +87,30 @@ def test_parse_flags_forms():
       cli.TRAIN)
   assert options == {"config": "c.py:smoke", "workdir": "/w"}
   assert overrides == ["seed=3"]
+
+
+def test_a_sigint_whose_keyboardinterrupt_python_drops_still_stops():
+  """Python ignores an exception raised in a finaliser ("Exception ignored
+  in ..."), as in jax's garbage-collection callback; the run's loop still
+  stops (`cli.raise_if_interrupted`) and the entry point returns 130."""
+  dropped = []
+
+  class Finalised:
+    def __del__(self):
+      try:
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(1000):  # the handler runs here, in the finaliser
+          pass
+      except KeyboardInterrupt:
+        dropped.append(True)
+        raise
+
+  def run(_):
+    Finalised()  # finalised at once, the SIGINT's exception dropped
+    cli.raise_if_interrupted()
+    return 0
+
+  program = cli.Program("x", "usage: x", {}, required=())
+  assert cli.main(run, program, []) == cli.INTERRUPTED
+  assert dropped  # the KeyboardInterrupt did go to the finaliser
+  assert cli.main(lambda _: cli.raise_if_interrupted(), program, []) == 0
