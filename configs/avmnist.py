@@ -14,6 +14,14 @@ Arguments (comma list after the colon):
   drop=P       modality dropout: each modality is removed from a training
                example with probability P (never both).
   steps=N      train for N steps instead of one epoch (430).
+  multibench   MultiBench's own training recipe (`examples/multimedia/
+               avmnist_simple_late_fusion.py`, `training_structures/
+               Supervised_Learning.py`): batch 40, SGD learning rate 0.1
+               without momentum, weight decay 1e-4 as an L2 gradient on every
+               parameter (torch.optim.SGD's), a constant rate, 30 epochs,
+               validation every epoch and the test figures of the epoch with
+               the best validation accuracy (`select_best`).
+  epochs=N     with `multibench`: N epochs of 1,375 steps instead of 30.
   optimizer=NAME  adamw (AdamW 1e-3, the default) or sgd (SGD with momentum
                0.9, learning rate 0.01, weight decay 1e-4: OGM-GE's
                optimizer, and its default with imbalance=ogm_ge).
@@ -90,7 +98,7 @@ def get_config(arg=None):
                    grid=False, drop=0.0, steps=430, image="lenet",
                    audio="lenet", probe=False, linear_head=False,
                    imbalance="none", latents=0, fusion_layer=-1,
-                   optimizer="")
+                   optimizer="", multibench=False, epochs=30)
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
@@ -179,6 +187,25 @@ def get_config(arg=None):
   config.imbalance.gblend = {"split": "val", "num_examples": 1000,
                              "every": 50, "min_overfit": 0.01,
                              "estimator": "separate", "estimate_steps": 10}
-  if args.smoke:
+  if args.multibench:
+    set_multibench_recipe(config, args.epochs, args.smoke)
+  elif args.smoke:
     config.eval_splits = ("val",)
   return config
+
+
+def set_multibench_recipe(config, epochs: int, smoke: bool):
+  """MultiBench's AV-MNIST training: SGD 0.1, L2 1e-4, batch 40, an epoch
+  of 55,000 / 40 = 1,375 steps, the best validation epoch's state."""
+  config.batch_size = 40
+  steps_per_epoch = 55_000 // config.batch_size
+  config.total_steps = 40 if smoke else epochs * steps_per_epoch
+  config.eval_every = 20 if smoke else steps_per_epoch
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.0
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.no_decay = ""  # torch decays every parameter
+  config.optimizer.schedule = "constant"
+  config.optimizer.warmup_steps = 0
+  config.select_best.metric = "eval/avmnist_val/classification/accuracy"

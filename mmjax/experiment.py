@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from mmjax import (checkpoint, configs, evaluators, methods, objectives,
-                   parallel, registry, results, rundir)
+                   parallel, registry, results, rundir, selection)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
 from mmjax.models import (causal_lm, clip, generative, gpt2_config,
@@ -66,6 +66,7 @@ def check_config(config):
                        SCHEDULES)
   configs.check_choice("sharding", config.sharding, parallel.STRATEGIES)
   parallel.mesh_rules(None, config.get("logical_rules", ()))
+  selection.check(config)
   if config.get("mesh") is not None:  # names and sizes; the device count
     parallel.mesh_shape(config.mesh)  # when the mesh is made
   # Precision and memory (mmjax.models.precision, mmjax.models.layers).

@@ -72,6 +72,10 @@ class MetricWriter:
     every process reads the same file."""
     return results.has_final_row(results.read_jsonl(self._path), total_steps)
 
+  def has_eval_row(self, step: int) -> bool:
+    """Whether an evaluation at `step` was written (`results.has_eval_row`)."""
+    return results.has_eval_row(results.read_jsonl(self._path), step)
+
   def write(self, step: int, metrics: dict):
     if not self.main:
       return

@@ -79,6 +79,13 @@ def has_final_row(rows: Sequence[dict], total_steps: int) -> bool:
   return any(r.get("step") == total_steps and FINAL_KEY in r for r in rows)
 
 
+def has_eval_row(rows: Sequence[dict], step: int) -> bool:
+  """Whether an evaluation (a row with "eval/..." metrics) at `step` is
+  among `rows`."""
+  return any(r.get("step") == step and any(k.startswith("eval/") for k in r)
+             for r in rows)
+
+
 def is_finished(run_dir: str | os.PathLike, total_steps: int) -> bool:
   """A run is finished when it wrote its final metrics row and its last
   checkpoint."""

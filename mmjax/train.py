@@ -45,7 +45,8 @@ import optax
 from jax.experimental import multihost_utils
 
 from mmjax import (accumulate, checkpoint, cli, experiment, hardware,
-                   methods, metric_writers, objectives, parallel, rundir)
+                   methods, metric_writers, objectives, parallel, rundir,
+                   selection)
 from mmjax.experiment import TrainState
 
 
@@ -175,10 +176,23 @@ def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
     writer.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
   step = first_step = int(state.step)
 
-  def evaluate(state, final: bool) -> dict:
+  best = selection.build(config, workdir)  # config.select_best
+
+  def evaluate(state, step: int) -> dict:
+    """Evaluates `state` (offered to the checkpoint selection) and writes the
+    row; the final row is the selected state's (the last one's if none)."""
     row = run.evaluate(state)
-    if final:
-      row["wall_time_s"] = time.time() - start_time  # this process's run
+    best.observe(step, state, row)
+    if step < config.total_steps:
+      writer.write(step, row)
+      return row
+    if best.best_step not in (None, step):
+      writer.write(step, row)  # the last state's, for the curves
+      row = run.evaluate(best.selected(state))
+    if best.best_step is not None:
+      row["selected_step"] = best.best_step
+    row["wall_time_s"] = time.time() - start_time  # this process's run
+    writer.write(step, row)
     return row
 
   try:
@@ -188,9 +202,9 @@ def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
         writer.info(f"already trained for {config.total_steps} steps")
         return state, {}
       writer.info(f"evaluating the final checkpoint, step {step}")
-      final = evaluate(state, final=True)  # stopped in its final evaluation
-      writer.write(step, final)
-      return state, final
+      return state, evaluate(state, step)  # stopped in its final evaluation
+    if step and step % config.eval_every == 0 and not writer.has_eval_row(step):
+      evaluate(state, step)  # stopped between its checkpoint and evaluation
 
     # ---------------------------------------------------------- compile --
     batch_sharding = parallel.batch_sharding(run.mesh)
@@ -266,8 +280,7 @@ def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
                         f"{ckpt.directory}; the same command resumes")
       if step % config.eval_every == 0 or done:
         check_finite(state, workdir)
-        final = evaluate(state, final=done)
-        writer.write(step, final)
+        final = evaluate(state, step)
         interval_start = time.time()
     return state, final
   except KeyboardInterrupt:
@@ -279,6 +292,7 @@ def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
       ckpt.wait()
     finally:
       ckpt.close()
+      best.close()
       writer.close()
 
 

@@ -118,6 +118,11 @@ def set_training(config: ml_collections.ConfigDict, *, batch_size: int,
 
   config.log_every = 10 if smoke else log_every
   config.eval_every = config.total_steps
+  # Checkpoint selection (mmjax/selection.py): a validation metric, e.g.
+  # "eval/avmnist_val/classification/accuracy", whose best evaluation's
+  # state gives the final row; "" = the last state.
+  config.select_best = ml_collections.ConfigDict({"metric": "",
+                                                  "mode": "max"})
   config.eval_batch_size = eval_batch_size
   config.checkpoint_every = 20 if smoke else checkpoint_every
   config.keep_checkpoints = 3
