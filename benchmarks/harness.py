@@ -17,8 +17,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mmjax import (configs, experiment, hardware, metric_writers, objectives,
-                   parallel, train)
+from mmjax import configs, experiment, hardware, parallel, train
 
 WARMUP, ITERS = 3, 10
 
@@ -80,14 +79,11 @@ class MmjaxStep:
     else:
       mesh, model, tx = run.mesh, run.model, run.tx
       state, shardings, method = run.state, run.shardings, run.method
-    batch_sharding = parallel.batch_sharding(mesh)
-    self.state, self.batch = state, jax.device_put(batch, batch_sharding)
-    step = train.make_train_step(
-        model, tx, objectives.objective_of(config, mesh), method)
-    self.compiled = jax.jit(
-        step, in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, None)).lower(state, self.batch).compile()
-    self.flops = metric_writers.compiled_flops(self.compiled, mesh.size)
+    self.state = state
+    self.batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+    self.compiled, self.flops = train.compile_train_step(
+        config, model, tx, method, mesh, shardings, state, self.batch,
+        donate=False)
     self.num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   def run(self):

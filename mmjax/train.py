@@ -139,6 +139,30 @@ def make_train_step(model, tx, objective, method=None, *,
   return train_step
 
 
+def compile_train_step(config, model, tx, method, mesh, shardings, state,
+                       batch, *, donate: bool = True):
+  """(compiled step, FLOPs per step): `make_train_step` for `config`
+  (objective, `grad_accum_steps`) jitted with the state's `shardings` and
+  the batch split over `mesh`, compiled for (state, batch), and XLA's count
+  of one step's FLOPs over all devices. `donate`: the step reuses the input
+  state's buffers (the trainer; a benchmark that reruns one state does not).
+  """
+  objective = objectives.objective_of(config, mesh)
+  accum = config.get("grad_accum_steps", 1)
+  step_fn = jax.jit(
+      make_train_step(model, tx, objective, method, grad_accum_steps=accum,
+                      mesh=mesh),
+      in_shardings=(shardings, parallel.batch_sharding(mesh)),
+      out_shardings=(shardings, None), donate_argnums=(0,) if donate else ())
+  compiled = step_fn.lower(state, batch).compile()
+  flops = metric_writers.compiled_flops(compiled, mesh.size)
+  if accum > 1:  # XLA counts a loop's body once: count the step without
+    # accumulation, lowered and not compiled (so its FLOPs are global)
+    flops = metric_writers.compiled_flops(jax.jit(make_train_step(
+        model, tx, objective, method)).lower(state, batch), 1)
+  return compiled, flops
+
+
 def check_finite(state: TrainState, workdir: str):
   bad = int(jax.device_get(state.nonfinite_step))
   if bad >= 0:
@@ -207,21 +231,10 @@ def _train(config, workdir: str, start_time: float, sigterm: SigtermFlag):
       evaluate(state, step)  # stopped between its checkpoint and evaluation
 
     # ---------------------------------------------------------- compile --
-    batch_sharding = parallel.batch_sharding(run.mesh)
-    objective = objectives.objective_of(config, run.mesh)
-    accum = config.get("grad_accum_steps", 1)
-    step_fn = jax.jit(
-        make_train_step(run.model, run.tx, objective, method,
-                        grad_accum_steps=accum, mesh=run.mesh),
-        in_shardings=(run.shardings, batch_sharding),
-        out_shardings=(run.shardings, None), donate_argnums=(0,))
     batch = next(data)
-    compiled = step_fn.lower(state, batch).compile()
-    flops_per_step = metric_writers.compiled_flops(compiled, run.mesh.size)
-    if accum > 1:  # XLA counts a loop's body once: count the step without
-      # accumulation, lowered and not compiled (so its FLOPs are global)
-      flops_per_step = metric_writers.compiled_flops(jax.jit(make_train_step(
-          run.model, run.tx, objective, method)).lower(state, batch), 1)
+    compiled, flops_per_step = compile_train_step(
+        config, run.model, run.tx, method, run.mesh, run.shardings, state,
+        batch)
     peak = hardware.peak_flops(config.peak_flops)
     if step == 0:  # the method's look before the first step
       state, row = method.after_step(0, state, run.predict, compiled)
