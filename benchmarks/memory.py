@@ -10,7 +10,11 @@ other buffers the step allocates, without its inputs and outputs) of:
           `config.remat` policy, with the layers unrolled and scanned
           (`config.scan_layers`);
   accum   the `configs/avmnist.py` concat train step, batch 128, with
-          `config.grad_accum_steps` 1, 2 and 4.
+          `config.grad_accum_steps` 1, 2 and 4;
+  coca    the gradient of a CoCa model (vocabulary 8,192, 32 tokens, batch
+          64) with 1 and 4 microbatches, GradCache caching every output
+          (the [B, L, V] logits too) or only the embeddings
+          (`objectives.CacheSplit`).
 
 One JSON row per measurement. Nothing is run, only compiled, so the figures
 do not depend on what else the machine is doing.
@@ -20,7 +24,8 @@ import jax
 import numpy as np
 
 import harness
-from mmjax import experiment, losses, objectives, parallel, train
+from mmjax import accumulate, experiment, losses, objectives, parallel, train
+from mmjax.models.coca import build_coca, coca_objective
 from mmjax.models.factory import build_contrastive
 
 VIT = {"name": "vit", "width": 192, "depth": 6, "mlp_dim": 768,
@@ -84,6 +89,38 @@ def accum_rows():
                   "temp_mib": mib(compiled)})
 
 
+def coca_rows(batch_size: int = 64, length: int = 32, vocab: int = 8192):
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((batch_size, 32, 32, 1), np.float32),
+           "text": rng.integers(3, vocab, (batch_size, length)).astype(
+               np.int32)}
+  model = build_coca(image_encoder={"name": "lenet", "features": 8,
+                                    "extra_layers": 1},
+                     vocab_size=vocab, width=64, unimodal_layers=2,
+                     multimodal_layers=2, num_heads=2, mlp_dim=128,
+                     max_length=length + 2, embed_dim=64, num_queries=8,
+                     bos_id=2)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
+  objective = coca_objective()
+  split = objectives.cache_split(objective)
+  for k, cache in ((1, "-"), (4, "every output"), (4, "embeddings")):
+    fn = accumulate.gradient_fn(k, whole_batch=True,
+                                split=split if cache == "embeddings" else None)
+
+    def grads(variables, fn=fn):
+      forward = lambda p, b, rng: model.apply({**variables, "params": p}, b,
+                                              mutable=["intermediates"])
+      return fn(forward, objective, variables["params"], batch,
+                jax.random.key(0))[0]
+
+    compiled = jax.jit(grads).lower(variables).compile()
+    harness.emit({"benchmark": "memory/coca_grad_accum",
+                  "grad_accum_steps": k, "cached": cache,
+                  "batch_size": batch_size, "vocab_size": vocab,
+                  "temp_mib": mib(compiled)})
+
+
 if __name__ == "__main__":
   remat_rows()
   accum_rows()
+  coca_rows()

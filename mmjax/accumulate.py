@@ -116,19 +116,22 @@ from mmjax import parallel
 
 
 def gradient_fn(steps: int, *, whole_batch: bool = False, loss_weight=None,
-                mesh=None):
+                split=None, mesh=None):
   """The train step's gradient function (module docstring) for `steps`
   microbatches; `whole_batch` for an objective whose loss couples every
   example with the whole batch (`objectives.whole_batch`); `loss_weight`
   (batch -> scalar) for one whose loss is a mean over another count
-  (`objectives.loss_weight`); `mesh` the trainer's, whose batch axes the
+  (`objectives.loss_weight`); `split` how a whole-batch objective comes
+  apart into a cached whole-batch term and a per-example one
+  (`objectives.cache_split`); `mesh` the trainer's, whose batch axes the
   batch is sharded over (None: one device)."""
   if not isinstance(steps, int) or steps < 1:
     raise ValueError(f"grad_accum_steps must be a positive int, got {steps!r}")
   if steps == 1:
     return full_batch
   if whole_batch:
-    return functools.partial(cached_embeddings, steps=steps, mesh=mesh)
+    return functools.partial(cached_embeddings, steps=steps, mesh=mesh,
+                             split=split)
   return functools.partial(microbatched, steps=steps, mesh=mesh,
                            loss_weight=loss_weight)
 
@@ -176,38 +179,64 @@ def microbatched(forward, objective, params, batch, rng, *, steps: int,
 
 
 def cached_embeddings(forward, objective, params, batch, rng, *, steps: int,
-                      mesh=None):
+                      mesh=None, split=None):
   """GradCache (module docstring): the outputs of every microbatch first,
   the loss and its gradient over the whole batch, then each microbatch's
-  parameter gradients from its rows of the outputs' gradient."""
+  parameter gradients from its rows of the outputs' gradient.
+
+  `split` (`objectives.CacheSplit`, or None: cache every output): the cache
+  holds only `split.cached`, the whole-batch term is scored on it, and the
+  per-example term `split.local` is computed in the second pass, microbatch
+  j's loss weighed by its share w_j / sum w of `split.local_weight`.
+  """
   micro = split_batch(batch, steps, mesh)  # {key: [k, b, ...]}
   b = _microbatch_size(batch, steps)
   keys = jnp.arange(steps)
+  keep = ((lambda o: {k: o[k] for k in split.cached}) if split else
+          (lambda o: o))
+  whole = split.whole if split else (lambda o, batch: objective(o, batch))
+  if split:
+    counts = jax.vmap(split.local_weight)(micro).astype(jnp.float32)
+    shares = counts / jnp.maximum(counts.sum(), 1.0)
+  else:
+    shares = jnp.zeros((steps,))
 
   def embed(_, xs):  # pass 1: no gradients, so no activations are kept
     j, batch_j = xs
-    return None, forward(params, batch_j, jax.random.fold_in(rng, j))[0]
+    return None, keep(forward(params, batch_j, jax.random.fold_in(rng, j))[0])
 
   _, cached = jax.lax.scan(embed, None, (keys, micro))  # leaves [k, ...]
   outputs = merge_microbatches(cached, b, mesh)
-  loss, pullback, metrics = jax.vjp(lambda o: objective(o, batch), outputs,
+  loss, pullback, metrics = jax.vjp(lambda o: whole(o, batch), outputs,
                                     has_aux=True)
   (d_outputs,) = pullback(jnp.ones_like(loss))
   d_micro = _split_cotangents(d_outputs, cached, b, mesh)
 
   def pull(total, xs):  # pass 2: recompute, pull the cached gradients back
-    j, batch_j, d_j = xs
-    outputs_j, vjp, updates = jax.vjp(
-        lambda p: forward(p, batch_j, jax.random.fold_in(rng, j)), params,
-        has_aux=True)
+    j, batch_j, d_j, share = xs
+
+    def recompute(p):
+      outputs_j, updates = forward(p, batch_j, jax.random.fold_in(rng, j))
+      local_loss, local_metrics = (split.local(outputs_j, batch_j) if split
+                                   else (jnp.zeros(()), {}))
+      return (keep(outputs_j), share * local_loss), (updates, local_metrics)
+
+    (outputs_j, local_loss), vjp, (updates, local_metrics) = jax.vjp(
+        recompute, params, has_aux=True)
     leaves, treedef = jax.tree.flatten(outputs_j)
     d_j = [np.zeros(x.shape, jax.dtypes.float0) if d is None else d
            for d, x in zip(d_j, leaves)]
-    (grads,) = vjp(jax.tree.unflatten(treedef, d_j))
-    return jax.tree.map(jnp.add, total, grads), updates
+    (grads,) = vjp((jax.tree.unflatten(treedef, d_j), jnp.ones(())))
+    return jax.tree.map(jnp.add, total, grads), (updates, local_loss,
+                                                 local_metrics)
 
-  grads, updates = jax.lax.scan(
-      pull, jax.tree.map(jnp.zeros_like, params), (keys, micro, d_micro))
+  grads, (updates, local_losses, local_metrics) = jax.lax.scan(
+      pull, jax.tree.map(jnp.zeros_like, params),
+      (keys, micro, d_micro, shares))
+  if split:  # the microbatches' token means -> the batch's
+    local_metrics = jax.tree.map(lambda m: jnp.sum(shares * m), local_metrics)
+    metrics = split.combine(loss, metrics, jnp.sum(local_losses),
+                            local_metrics)
   return grads, (metrics, _combine_updates(updates, b, mesh), outputs)
 
 

@@ -23,8 +23,10 @@ whole batch at once (`mmjax.accumulate`), while the supervised loss is a mean
 over examples that microbatches can compute piecewise.
 """
 
+import dataclasses
 import functools
 import itertools
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import optax
@@ -143,6 +145,37 @@ def whole_batch(objective) -> bool:
   attribute `whole_batch = True` too), so that it cannot be summed over
   microbatches."""
   return bool(getattr(objective, "whole_batch", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSplit:
+  """How GradCache (`mmjax.accumulate.cached_embeddings`) may take apart a
+  whole-batch objective whose loss is a whole-batch term plus a per-example
+  term (CoCa: contrastive plus captioning), so that only the outputs the
+  whole-batch term reads are cached (not, say, [B, L, V] logits):
+
+    cached: the output keys the whole-batch term reads (the cache).
+    whole(outputs, batch) -> (loss, metrics): that term, on the cache.
+    local(outputs, batch) -> (loss, metrics): the per-example term, a mean
+      over `local_weight(batch)` items (tokens), computed per microbatch
+      in the second pass; the step's is the weighted mean over microbatches.
+    local_weight: batch -> the count `local` averages over.
+    combine(whole_loss, whole_metrics, local_loss, local_metrics) -> metrics:
+      the objective's metrics (with "loss") from the two terms' (the local
+      metrics already averaged over the microbatches).
+
+  An objective offers it as its attribute `cache_split` (`cache_split`).
+  """
+  cached: tuple[str, ...]
+  whole: Callable
+  local: Callable
+  local_weight: Callable
+  combine: Callable
+
+
+def cache_split(objective) -> CacheSplit | None:
+  """`objective`'s `CacheSplit`, or None (GradCache caches every output)."""
+  return getattr(objective, "cache_split", None)
 
 
 def loss_weight(objective):

@@ -106,7 +106,8 @@ def make_train_step(model, tx, objective, method=None, *,
   method = method or methods.Method()
   grad_fn = accumulate.gradient_fn(
       grad_accum_steps, whole_batch=objectives.whole_batch(objective),
-      loss_weight=objectives.loss_weight(objective), mesh=mesh)
+      loss_weight=objectives.loss_weight(objective),
+      split=objectives.cache_split(objective), mesh=mesh)
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)

@@ -173,9 +173,11 @@ def test_greedy_generation_equals_argmax_over_full_recomputation(setup):
 
 def test_gradients_reach_every_parameter_and_accumulate_exactly(setup):
   """Every parameter (the log scale, the CLS token) gets a gradient, and
-  GradCache (`accumulate.cached_embeddings`, the whole_batch path), with
-  the [B, L, V] logits among the cached outputs, gives the full batch's
-  loss and gradients (eval mode: BatchNorm would differ per microbatch)."""
+  GradCache (`accumulate.cached_embeddings`, the whole_batch path) gives the
+  full batch's loss, metrics and gradients (eval mode: BatchNorm would
+  differ per microbatch): caching only the embeddings (the objective's
+  `cache_split`; the captions in the second pass, the two microbatches
+  holding 12 and 14 target tokens) and caching every output alike."""
   model, variables, _, _ = setup
   batch = make_batch(size=4, seed=1)
   objective = coca_objective()
@@ -195,14 +197,22 @@ def test_gradients_reach_every_parameter_and_accumulate_exactly(setup):
   assert not zero
   assert float(grads["log_scale"]) != 0
   assert optax.tree.norm(grads["text_decoder"]["cls_token"]) > 0
-  fn = accumulate.gradient_fn(2, whole_batch=objectives.whole_batch(objective))
-  assert fn.func is accumulate.cached_embeddings
-  acc_grads, (acc_metrics, _, acc_outputs) = run(fn)
-  assert acc_outputs["logits"].shape == (4, 7, VOCAB)
-  np.testing.assert_allclose(acc_metrics["loss"], metrics["loss"], rtol=1e-5)
-  np.testing.assert_allclose(acc_outputs["logits"], outputs["logits"],
-                             atol=1e-5)
-  for (path, g), a in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                          jax.tree.leaves(acc_grads)):
-    np.testing.assert_allclose(a, g, atol=1e-5, rtol=1e-4,
-                               err_msg=jax.tree_util.keystr(path))
+  split = objectives.cache_split(objective)
+  assert split is not None and "logits" not in split.cached
+  for fn, cached in (
+      (accumulate.gradient_fn(2, whole_batch=True, split=split), False),
+      (accumulate.gradient_fn(2, whole_batch=True), True)):
+    assert fn.func is accumulate.cached_embeddings
+    acc_grads, (acc_metrics, _, acc_outputs) = run(fn)
+    assert ("logits" in acc_outputs) == cached
+    if cached:
+      np.testing.assert_allclose(acc_outputs["logits"], outputs["logits"],
+                                 atol=1e-5)
+    assert set(acc_metrics) == set(metrics)
+    for key, value in metrics.items():
+      np.testing.assert_allclose(acc_metrics[key], value, rtol=1e-5,
+                                 err_msg=key)
+    for (path, g), a in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                            jax.tree.leaves(acc_grads)):
+      np.testing.assert_allclose(a, g, atol=1e-5, rtol=1e-4,
+                                 err_msg=jax.tree_util.keystr(path))

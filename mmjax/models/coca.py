@@ -440,33 +440,47 @@ def coca_objective(caption_weight: float = 2.0,
   "caption/token_accuracy", "caption/perplexity".
 
   The objective has `whole_batch = True` (the contrastive negatives are the
-  whole batch): gradient accumulation takes `mmjax.accumulate`'s GradCache
-  path, which caches every output of every microbatch, here the float32
-  [B, L, V] logits too, and their gradient: exact (tested), but 2 B L V
-  floats, which at a real vocabulary (B 4096, L 64, V 32k: 2 x 34 GB) can
-  outweigh the activations that accumulation saves.
+  whole batch), so gradient accumulation takes `mmjax.accumulate`'s GradCache
+  path, and `cache_split` (`objectives.CacheSplit`): GradCache caches only
+  the two embeddings and the log scale, scores L_con on them over the whole
+  batch, and computes L_cap microbatch by microbatch in its second pass
+  (each weighed by its share of the target tokens), so the [B, L, V]
+  logits are never cached. The returned outputs are then those three.
   """
   if caption_weight == 0 and contrastive_weight == 0:
     raise ValueError("coca_objective needs a nonzero weight")
   contrastive = objectives.contrastive("softmax")
   pair = ("embedding/image", "embedding/text", "log_scale")
 
+  def whole(outputs, batch):
+    con_loss, con = contrastive({k: outputs[k] for k in pair}, batch)
+    return contrastive_weight * con_loss, con
+
+  def local(outputs, batch):
+    cap_loss, cap = objectives.captioning(outputs, batch)
+    return caption_weight * cap_loss, {
+        "loss": cap_loss, "token_accuracy": cap["token_accuracy"]}
+
+  def combine(whole_loss, con, local_loss, cap):
+    terms = [x for w, x in ((contrastive_weight, whole_loss),
+                            (caption_weight, local_loss)) if w != 0]
+    loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return {"loss": loss, "contrastive/loss": con["loss"],
+            "contrastive/accuracy": con["accuracy"],
+            "contrastive/scale": con["scale"], "caption/loss": cap["loss"],
+            "caption/token_accuracy": cap["token_accuracy"],
+            "caption/perplexity": jnp.exp(cap["loss"])}
+
   def objective(outputs, batch: dict, weights=None):
     if weights is not None:
       raise ValueError("the coca objective takes no head weights")
-    con_loss, con = contrastive({k: outputs[k] for k in pair}, batch)
-    cap_loss, cap = objectives.captioning(outputs, batch)
-    terms = [w * x for w, x in ((contrastive_weight, con_loss),
-                                (caption_weight, cap_loss)) if w != 0]
-    loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    return loss, {
-        "loss": loss, "contrastive/loss": con_loss,
-        "contrastive/accuracy": con["accuracy"],
-        "contrastive/scale": con["scale"], "caption/loss": cap_loss,
-        "caption/token_accuracy": cap["token_accuracy"],
-        "caption/perplexity": cap["perplexity"]}
+    metrics = combine(*whole(outputs, batch), *local(outputs, batch))
+    return metrics["loss"], metrics
 
   objective.whole_batch = True  # the negatives are the whole batch
+  objective.cache_split = objectives.CacheSplit(
+      cached=pair, whole=whole, local=local,
+      local_weight=objectives.captioning.loss_weight, combine=combine)
   return objective
 
 
