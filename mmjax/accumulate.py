@@ -39,7 +39,12 @@ gradient function once, for k and the kind of objective:
                       [b, D] back to the parameters, summing the parameter
                       gradients.
                  The loss and gradients are the full batch's, at the cost
-                 of a second forward pass.
+                 of a second forward pass. An objective that is a
+                 whole-batch term plus a per-example one (CoCa) may name
+                 the outputs its whole-batch term reads
+                 (`objectives.CacheSplit`): only those are cached, and the
+                 per-example term is computed in part 3, each microbatch's
+                 weighed by its share of what the term averages over.
 
 Every gradient function has the signature
 
