@@ -22,6 +22,10 @@ Arguments (comma list after the colon):
                      train), with model=prefix fine-tuned (PaLI). Not with
                      cross_attention (GPT-2 has no cross-attention blocks)
                      or coca.
+  llama=DIR          the same with a Hugging Face Llama-family checkpoint
+                     (`text.tokenizer = "llama:DIR"`, each caption between
+                     its start and end tokens; the KV cache cut to 160
+                     positions, which rotary positions allow).
   smoke              a complete run in under 2 minutes on 2 CPU cores.
   seed=N             the run's seed.
   steps=N            training steps (default 1500).
@@ -44,15 +48,32 @@ import ml_collections
 
 from mmjax.configs import common
 from mmjax.errors import UsageError
-from mmjax.models import gpt2_config
+from mmjax.models import gpt2_config, llama_config
+
+
+def _pretrained_decoder(kind: str, directory: str) -> tuple[dict, int]:
+  """(TextDecoder kwargs, start id) of a GPT-2 or Llama checkpoint, ids
+  moved up by one for padding id 0."""
+  offset = gpt2_config.PADDING_OFFSET
+  if kind == "gpt2":
+    return (gpt2_config.read_gpt2_config(directory, offset),
+            gpt2_config.token_id(directory, "<|endoftext|>", offset))
+  decoder = llama_config.read_llama_config(directory, offset)
+  decoder["max_length"] = min(decoder["max_length"], 160)
+  start, _ = llama_config.special_tokens(directory)
+  return decoder, gpt2_config.token_id(directory, start, offset)
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, model="prefix", gpt2="", smoke=False, seed=0,
-                          steps=1500)
-  if args.gpt2 and args.model not in ("prefix", "flamingo"):
-    raise UsageError(f"config argument gpt2 needs model=prefix or flamingo, "
-                     f"not {args.model}")
+  args = common.parse_arg(arg, model="prefix", gpt2="", llama="", smoke=False,
+                          seed=0, steps=1500)
+  pretrained = [(k, d) for k, d in (("gpt2", args.gpt2),
+                                    ("llama", args.llama)) if d]
+  if len(pretrained) > 1:
+    raise UsageError("config arguments gpt2 and llama exclude each other")
+  if pretrained and args.model not in ("prefix", "flamingo"):
+    raise UsageError(f"config argument {pretrained[0][0]} needs model=prefix "
+                     f"or flamingo, not {args.model}")
   config = ml_collections.ConfigDict()
   config.seed = args.seed
 
@@ -88,17 +109,14 @@ def get_config(arg=None):
         "positions": "learned", "dropout": 0.0}
     config.model.num_latents = 16  # flamingo's resampler
     config.model.xattn_every = 1
-  if args.gpt2:  # a pretrained GPT-2 as the decoder
-    offset = gpt2_config.PADDING_OFFSET
+  for kind, directory in pretrained:  # a pretrained LM as the decoder
     try:
-      config.model.decoder = {
-          **gpt2_config.read_gpt2_config(args.gpt2, offset), "dropout": 0.0}
-      config.model.bos_id = gpt2_config.token_id(args.gpt2, "<|endoftext|>",
-                                                 offset)
+      decoder, config.model.bos_id = _pretrained_decoder(kind, directory)
     except (OSError, ValueError) as e:
-      raise UsageError(f"config argument gpt2: {e}") from e
-    config.text.tokenizer = f"gpt2:{args.gpt2}"
-    config.model.init = {"decoder": f"gpt2:{args.gpt2}"}
+      raise UsageError(f"config argument {kind}: {e}") from e
+    config.model.decoder = {**decoder, "dropout": 0.0}
+    config.text.tokenizer = f"{kind}:{directory}"
+    config.model.init = {"decoder": f"{kind}:{directory}"}
     if args.model == "flamingo":
       config.frozen = "decoder/.*"
   common.set_generation(config, max_new_tokens=64)

@@ -305,7 +305,10 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
                     subtree such as "decoder" (`mmjax.models.causal_lm`),
                     its ids moved up by one for padding id 0
                     (`mmjax.models.gpt2_config`; the tokenizer is
-                    `text.tokenizer = "gpt2:<dir>"`).
+                    `text.tokenizer = "gpt2:<dir>"`);
+    "llama:<dir>"   the same of a Hugging Face Llama checkpoint
+                    (`mmjax.models.llama_config`; `text.tokenizer =
+                    "llama:<dir>"`).
 
   `loaded` caches whole checkpoints between entries that name the same one.
   """
@@ -317,6 +320,8 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
                     f"config key 'model.init.{path}': {location}")
   single = {"vit:": lambda d: vit_checkpoints.load_vit(d)[1],
             "gpt2:": lambda d: causal_lm.load_gpt2(
+                d, id_offset=gpt2_config.PADDING_OFFSET)[1],
+            "llama:": lambda d: causal_lm.load_llama(
                 d, id_offset=gpt2_config.PADDING_OFFSET)[1]}
   for prefix, load in single.items():
     if name.startswith(prefix):
@@ -327,7 +332,8 @@ def pretrained_weights(path: str, name: str, loaded: dict | None = None):
   loaders = {"minilm": lambda: pretrained.load_minilm()[1]}
   configs.check_choice(f"model.init.{path}", name,
                        [*loaders, "run:<workdir>", "clip:<dir>",
-                        "siglip:<path>", "vit:<path>", "gpt2:<dir>"])
+                        "siglip:<path>", "vit:<path>", "gpt2:<dir>",
+                        "llama:<dir>"])
   return loaders[name]()
 
 

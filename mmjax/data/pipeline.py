@@ -207,18 +207,21 @@ def text_tokenizer(config):
   (the CLIP BPE of a checkpoint directory's tokenizer.json,
   `clip_tokenizer`) or "siglip:PATH" (the SentencePiece model of a SigLIP
   checkpoint directory's spiece.model, or a .model file, as Hugging Face's
-  SiglipTokenizer; `siglip_tokenizer`) or "gpt2:DIR" (a GPT-2 checkpoint
+  SiglipTokenizer; `siglip_tokenizer`), "gpt2:DIR" (a GPT-2 checkpoint
   directory's tokenizer.json, ids moved up by one for padding id 0;
-  `gpt2_tokenizer`)."""
+  `gpt2_tokenizer`) or "llama:DIR" (a Llama checkpoint's, likewise, between
+  its start and end tokens; `llama_tokenizer`)."""
   # pylint: disable-next=import-outside-toplevel
   from mmjax.data.tokenizer import (clip_tokenizer, gpt2_tokenizer,
-                                    minilm_tokenizer, siglip_tokenizer)
+                                    llama_tokenizer, minilm_tokenizer,
+                                    siglip_tokenizer)
   name, length = config.text.tokenizer, config.text.max_length
   if name == "bytes":
     return ByteTokenizer(length)
   for prefix, make in (("clip:", clip_tokenizer),
                        ("siglip:", siglip_tokenizer),
-                       ("gpt2:", gpt2_tokenizer)):
+                       ("gpt2:", gpt2_tokenizer),
+                       ("llama:", llama_tokenizer)):
     if name.startswith(prefix):
       try:
         return make(name[len(prefix):], length)
@@ -226,7 +229,7 @@ def text_tokenizer(config):
         raise UsageError(f"config key 'text.tokenizer': {e}") from e
   if name != "minilm":
     raise UsageError(f"unknown text.tokenizer '{name}' (known: minilm, "
-                     "bytes, clip:DIR, siglip:PATH, gpt2:DIR)")
+                     "bytes, clip:DIR, siglip:PATH, gpt2:DIR, llama:DIR)")
   return minilm_tokenizer(length)
 
 

@@ -303,6 +303,21 @@ def gpt2_tokenizer(directory: str | os.PathLike, max_length: int = 128
                               max_length, pad_id=0, id_offset=PADDING_OFFSET)
 
 
+def llama_tokenizer(directory: str | os.PathLike, max_length: int = 128
+                    ) -> HuggingFaceTokenizer:
+  """A Llama checkpoint directory's `tokenizer.json` in mmjax's generative
+  convention: ids plus one, padding id 0, each text between the start and
+  end tokens of its config.json (`mmjax.models.llama_config.
+  special_tokens`: "<s>" and "</s>" for Llama 2, "<|begin_of_text|>" and
+  "<|end_of_text|>" for Llama 3)."""
+  # pylint: disable-next=import-outside-toplevel
+  from mmjax.models import gpt2_config, llama_config
+  bos, eos = llama_config.special_tokens(directory)
+  return HuggingFaceTokenizer(pathlib.Path(directory) / "tokenizer.json",
+                              max_length, eos_token=eos, bos_token=bos,
+                              pad_id=0, id_offset=gpt2_config.PADDING_OFFSET)
+
+
 def _sentencepiece():
   try:
     import sentencepiece  # pylint: disable=import-outside-toplevel

@@ -47,12 +47,25 @@ A checkpoint whose tensors do not fit the config's decoder (a missing,
 left-over or wrongly shaped tensor) is refused naming the first such
 parameter (`first_mismatch`, `check_fits`).
 
-Llama-family checkpoints (Touvron et al., "LLaMA: Open and Efficient
-Foundation Language Models", 2023) are deliberately not supported:
-TextDecoder has LayerNorm with biases rather than RMSNorm, a GELU MLP rather
-than SwiGLU, a head tied to the input embeddings, and as many key/value heads
-as query heads (no grouped-query attention), so a Llama could not be loaded
-faithfully. Its rotary positions alone are there (positions="rotary").
+`load_llama(directory)` reads a Hugging Face Llama-family checkpoint
+(Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
+2023; model_type "llama": Llama 1-3, TinyLlama, ...) the same way
+(`mmjax.models.llama_config` for its config.json). Mapping (torch Linear
+weights [out, in] are transposed; G = num_key_value_heads):
+
+  embed_tokens [V, D]                token_embeddings/embedding
+  layers.<i>.input_layernorm,        layer_<i>/norm_attention, norm_mlp
+    post_attention_layernorm, norm     and norm_out {scale} (RMSNorm)
+  layers.<i>.self_attn.q_proj        layer_<i>/attention/query [D, H, Dh]
+    k_proj, v_proj                     key, value [D, G, Dh]
+    o_proj                             out [H, Dh, D]
+  layers.<i>.mlp.gate_proj, up_proj,  layer_<i>/mlp/dense_0, dense_up,
+    down_proj                          dense_1 (SwiGLU)
+  lm_head [V, D]                     lm_head/kernel [D, V] (unless tied)
+
+Hugging Face's Llama weights already hold queries and keys in the
+half-split rotary layout of `mmjax.models.decoder.rotary`. The logits match
+`LlamaForCausalLM`'s to about 1e-6 in float32 (tests/test_llama.py).
 """
 
 from collections.abc import Mapping
@@ -64,10 +77,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.convert import (first_mismatch, load_safetensors,
-                                  param_shapes, split_heads)
+from mmjax.models.convert import (first_mismatch, hf_checkpoint_state,
+                                  load_safetensors, param_shapes, split_heads,
+                                  torch_dense)
 from mmjax.models.decoder import TextDecoder
 from mmjax.models.gpt2_config import read_gpt2_config
+from mmjax.models.llama_config import read_llama_config
 
 _PREFIX = "transformer."
 # Non-parameter buffers of older GPT-2 checkpoints (the causal mask).
@@ -196,9 +211,103 @@ def load_gpt2(directory: str | os.PathLike, dtype=np.float32,
   params = convert_gpt2(load_safetensors(pathlib.Path(directory)), config,
                         dtype)
   check_fits(params, config)
-  if id_offset:
-    embedding = params["token_embeddings"]["embedding"]
-    params["token_embeddings"]["embedding"] = np.concatenate(
-        [np.zeros((id_offset, embedding.shape[1]), dtype), embedding])
-    config = {**config, "vocab_size": config["vocab_size"] + id_offset}
-  return config, params
+  return shift_ids(config, params, id_offset)
+
+
+def shift_ids(config: Mapping[str, Any], params: dict[str, Any],
+              id_offset: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(config, params) of a decoder whose id i + id_offset is id i: zero rows
+  before the token embedding's (and zero columns before an untied head's,
+  so the new ids get logit 0); vocab_size grows by `id_offset`."""
+  if not id_offset:
+    return dict(config), params
+  embedding = params["token_embeddings"]["embedding"]
+  params["token_embeddings"]["embedding"] = np.concatenate(
+      [np.zeros((id_offset, embedding.shape[1]), embedding.dtype), embedding])
+  if "lm_head" in params:
+    kernel = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = np.concatenate(
+        [np.zeros((kernel.shape[0], id_offset), kernel.dtype), kernel], 1)
+  return {**config, "vocab_size": config["vocab_size"] + id_offset}, params
+
+
+_LLAMA_PREFIX = "model."
+
+
+def convert_llama(state: Mapping[str, Any], config: Mapping[str, Any],
+                  dtype=np.float32) -> dict[str, Any]:
+  """Hugging Face Llama tensors -> `TextDecoder` parameters.
+
+  Args:
+    state: name -> array, `LlamaForCausalLM` names ("model.embed_tokens.
+      weight", "model.layers.0.self_attn.q_proj.weight", ...,
+      "lm_head.weight") or `LlamaModel`'s (no "model." prefix, no head: then
+      only a tied config loads).
+    config: `TextDecoder` keyword arguments (`mmjax.models.llama_config`).
+    dtype: dtype of the returned numpy arrays.
+
+  Returns:
+    The parameter tree (what goes under "params" in `TextDecoder.apply`).
+
+  Raises:
+    ValueError: a tensor the decoder needs is missing, a tensor is left
+      over (more layers than num_hidden_layers, a bias the config does not
+      have), or a tied config's "lm_head.weight" differs from the embedding.
+  """
+  state = {k[len(_LLAMA_PREFIX):] if k.startswith(_LLAMA_PREFIX) else k: v
+           for k, v in state.items()
+           if not k.endswith("rotary_emb.inv_freq")}   # a buffer
+  state = hf_checkpoint_state(state, dtype)
+  heads = config["num_heads"]
+  kv_heads = config.get("num_kv_heads") or heads
+  norm = lambda n: {"scale": state[f"{n}.weight"]}
+  params = {"token_embeddings": {"embedding": state["embed_tokens.weight"]}}
+  for i in range(config["num_layers"]):
+    layer = f"layers.{i}"
+    attention = {}
+    for ours, theirs, n in (("query", "q_proj", heads), ("key", "k_proj",
+                            kv_heads), ("value", "v_proj", kv_heads)):
+      dense = torch_dense(state, f"{layer}.self_attn.{theirs}",
+                          config["attention_bias"])
+      attention[ours] = {"kernel": split_heads(dense["kernel"], n,
+                                               "d (h k) -> d h k")}
+      if "bias" in dense:
+        attention[ours]["bias"] = split_heads(dense["bias"], n,
+                                              "(h k) -> h k")
+    out = torch_dense(state, f"{layer}.self_attn.o_proj",
+                      config["attention_bias"])
+    attention["out"] = {**out, "kernel": split_heads(out["kernel"], heads,
+                                                     "(h k) d -> h k d")}
+    mlp = lambda n: torch_dense(state, f"{layer}.mlp.{n}", config["mlp_bias"])
+    params[f"layer_{i}"] = {
+        "norm_attention": norm(f"{layer}.input_layernorm"),
+        "attention": attention,
+        "norm_mlp": norm(f"{layer}.post_attention_layernorm"),
+        "mlp": {"dense_0": mlp("gate_proj"), "dense_up": mlp("up_proj"),
+                "dense_1": mlp("down_proj")}}
+  params["norm_out"] = norm("norm")
+  has_head = "lm_head.weight" in state
+  if not config["tie_embeddings"]:
+    params["lm_head"] = {"kernel": state["lm_head.weight"].T}
+  elif has_head and not np.array_equal(state["lm_head.weight"],
+                                       params["token_embeddings"]["embedding"]):
+    raise ValueError("checkpoint tensor 'lm_head.weight' differs from "
+                     "'embed_tokens.weight' although config.json has "
+                     "tie_word_embeddings")
+  elif has_head:
+    state["lm_head.weight"]  # pylint: disable=pointless-statement
+  state.check_all_read(f"TextDecoder(**{dict(config)}) (config.json's "
+                       "num_hidden_layers, attention_bias or mlp_bias?)")
+  return params
+
+
+def load_llama(directory: str | os.PathLike, dtype=np.float32,
+               id_offset: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Loads a Hugging Face Llama-family checkpoint directory without torch:
+  as `load_gpt2` (same arguments and returns), for config.json's
+  model_type "llama" (`mmjax.models.llama_config.llama_config`)."""
+  config = read_llama_config(directory)
+  params = convert_llama(load_safetensors(pathlib.Path(directory)), config,
+                         dtype)
+  check_fits(params, config)
+  return shift_ids(config, params, id_offset)

@@ -6,7 +6,8 @@ text-only language modelling:
   sequence = [prefix embeddings P] [tokens T]        (embedded, positioned)
   attention: causal, except that the first `full_attention_length` positions
              (a prefix LM's prefix: media tokens, prompt) see each other
-  logits   = LN(x) @ E^T over the T token positions  (tied embeddings E)
+  logits   = LN(x) @ E^T over the T token positions  (tied embeddings E,
+             or a separate head)
 
 Pre-LayerNorm blocks (GPT-2; Radford et al., "Language Models are
 Unsupervised Multitask Learners", 2019) with learned absolute positions or
@@ -14,7 +15,11 @@ rotary ones (Su et al., "RoFormer: Enhanced Transformer with Rotary Position
 Embedding", 2021, applied to each head's query and key, the half-split
 rotation of GPT-NeoX and Llama). With `cross_attention=True` each block
 also cross-attends to context tokens (Vaswani et al. 2017's decoder; the
-multimodal decoder of CoCa). Flamingo's gated blocks are passed in by the
+multimodal decoder of CoCa). Llama's variations (Touvron et al., "LLaMA:
+Open and Efficient Foundation Language Models", 2023) are options: RMSNorm,
+a SwiGLU feed-forward, no biases, grouped-query attention, an untied head
+and rotary frequencies of another base (`mmjax.models.causal_lm` loads
+GPT-2 and Llama checkpoints). Flamingo's gated blocks are passed in by the
 model that owns them (`gated_blocks`), so a frozen language model keeps
 exactly the parameter tree it was trained with.
 
@@ -33,6 +38,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models.layers import (EMBED, HEADS, KV, NO_REMAT, FeedForward,
                                  attention, fp32_softmax_attention, key_mask,
@@ -40,19 +46,48 @@ from mmjax.models.layers import (EMBED, HEADS, KV, NO_REMAT, FeedForward,
 from mmjax.models.precision import Dtype
 
 POSITIONS = ("learned", "rotary")
+NORMS = ("layer", "rms")
+
+
+def rotary_frequencies(head_dim: int, base: float = 10000.0,
+                       llama3: tuple[float, float, float, int] | None = None
+                       ) -> np.ndarray:
+  """The rotary angle per position of each dimension pair: [Dh / 2] float32,
+  base^(-2i/Dh) (Su et al. 2021).
+
+  `llama3` = (factor, low_freq_factor, high_freq_factor,
+  original_max_position_embeddings) rescales them as Llama 3.1 does for its
+  longer context (Grattafiori et al., "The Llama 3 Herd of Models", 2024):
+  wavelengths 2 pi / f longer than original / low_freq_factor are divided by
+  `factor`, those shorter than original / high_freq_factor kept, and the ones
+  between interpolated with s = (original / wavelength - low) / (high - low):
+  f ((1 - s) / factor + s).
+  """
+  freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                         / np.float32(head_dim)))
+  if llama3 is None:
+    return freq.astype(np.float32)
+  factor, low, high, original = llama3
+  wavelength = 2 * np.pi / freq
+  scaled = np.where(wavelength > original / low, freq / factor, freq)
+  smooth = (original / wavelength - low) / (high - low)
+  between = (wavelength >= original / high) & (wavelength <= original / low)
+  return np.where(between, (1 - smooth) * scaled / factor + smooth * scaled,
+                  scaled).astype(np.float32)
 
 
 def rotary(x: jnp.ndarray, positions: jnp.ndarray,
-           base: float = 10000.0) -> jnp.ndarray:
+           frequencies: np.ndarray | None = None) -> jnp.ndarray:
   """Rotary position embedding of x [B, T, H, Dh] at positions [T] (int).
 
   Dimension pairs (i, i + Dh/2) are rotated by the angle
-  position * base^(-2i/Dh) (Su et al. 2021; the half-split layout of
-  GPT-NeoX and Llama). Computed in float32, returned in x's dtype.
+  position * frequencies[i], by default base^(-2i/Dh) with base 10000
+  (`rotary_frequencies`; the half-split layout of GPT-NeoX and Llama).
+  Computed in float32, returned in x's dtype.
   """
-  half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
-  angle = positions.astype(jnp.float32)[:, None] * freq  # [T, half]
+  if frequencies is None:
+    frequencies = rotary_frequencies(x.shape[-1])
+  angle = positions.astype(jnp.float32)[:, None] * frequencies  # [T, Dh/2]
   cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
@@ -80,19 +115,30 @@ class CausalSelfAttention(nn.Module):
   "value" ([D, H, Dh]) and "out" ([H, Dh, D]), as flax's
   MultiHeadDotProductAttention names them, with its logical axis names
   (`mmjax.models.layers.attention`: the heads split by tensor parallelism);
-  float32 softmax.
+  float32 softmax. With grouped-query attention (Ainslie et al., "GQA",
+  2023) "key" and "value" have G = num_kv_heads heads ([D, G, Dh]), each
+  shared by H / G consecutive query heads, and the cache keeps G heads.
 
   Attributes:
-    num_heads: H (D must be divisible by it).
+    num_heads: H.
     max_length: cache length (decode only): prefix plus tokens.
     positions: "learned" (added to the inputs by the decoder) or "rotary"
       (applied here to queries and keys).
     dropout: attention-weight dropout (train only).
+    num_kv_heads: G (H must be divisible by it); None: H.
+    head_dim: Dh; None: D / H.
+    use_bias: biases of the four projections.
+    rotary_base, rotary_llama3: `rotary_frequencies`' base and llama3.
   """
   num_heads: int
   max_length: int
   positions: str = "learned"
   dropout: float = 0.0
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  use_bias: bool = True
+  rotary_base: float = 10000.0
+  rotary_llama3: tuple[float, float, float, int] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -102,19 +148,28 @@ class CausalSelfAttention(nn.Module):
     """x [B, T, D], positions [T] int (absolute), valid [B, T] bool (False
     keys are never attended to) -> [B, T, D]."""
     batch, length, width = x.shape
-    head_dim = width // self.num_heads
+    head_dim = self.head_dim or width // self.num_heads
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={kv_heads}")
     dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype,
+                              use_bias=self.use_bias)
     kernel, bias = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
-    q, k, v = (dense((self.num_heads, head_dim), name=n,
+    q, k, v = (dense((heads, head_dim), name=n,
                      kernel_init=partitioned(kernel, EMBED, HEADS, KV),
                      bias_init=partitioned(bias, HEADS, KV))(x)
-               for n in ("query", "key", "value"))
+               for n, heads in (("query", self.num_heads), ("key", kv_heads),
+                                ("value", kv_heads)))
     if self.positions == "rotary":
-      q, k = rotary(q, positions), rotary(k, positions)
+      frequencies = rotary_frequencies(head_dim, self.rotary_base,
+                                       self.rotary_llama3)
+      q, k = rotary(q, positions, frequencies), rotary(k, positions,
+                                                       frequencies)
     key_positions = positions
     if decode:
-      shape = (batch, self.max_length, self.num_heads, head_dim)
+      shape = (batch, self.max_length, kv_heads, head_dim)
       cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
       cached_valid = self.variable("cache", "cached_valid", jnp.zeros,
@@ -129,6 +184,8 @@ class CausalSelfAttention(nn.Module):
       index.value = start + length
       k, v, valid = cached_k.value, cached_v.value, cached_valid.value
       key_positions = jnp.arange(self.max_length)
+    if kv_heads != self.num_heads:  # each key head serves H / G query heads
+      k, v = (jnp.repeat(t, self.num_heads // kv_heads, axis=2) for t in (k, v))
     mask = attention_mask(positions, key_positions, valid,
                           full_attention_length)
     dropout_rng = (self.make_rng("dropout")
@@ -141,6 +198,15 @@ class CausalSelfAttention(nn.Module):
                  bias_init=partitioned(bias, EMBED))(y)
 
 
+def norm_layer(kind: str, epsilon: float, name: str, **precision) -> nn.Module:
+  """The decoder's normalisation: "layer" (LayerNorm, scale and bias; GPT-2)
+  or "rms" (RMSNorm, scale only; Zhang and Sennrich 2019, Llama)."""
+  if kind not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+  cls = nn.LayerNorm if kind == "layer" else nn.RMSNorm
+  return cls(epsilon, name=name, **precision)
+
+
 class DecoderBlock(nn.Module):
   """Pre-LayerNorm decoder block: [B, T, D] -> [B, T, D].
 
@@ -148,10 +214,12 @@ class DecoderBlock(nn.Module):
     x = x + CrossAttention(LN(x), LN(context))         (cross_attention)
     x = x + FFW(LN(x))
 
+  LN is `norm` ("layer" or "rms"), FFW gated with `gated_mlp`.
+
   Attributes: as `TextDecoder`'s (num_heads, mlp_dim, max_length,
-  positions, dropout, layer_norm_epsilon, cross_attention, dtypes), and
-  the call's `full_attention_length` and `decode` (fields, so that they stay
-  static under rematerialisation).
+  positions, dropout, layer_norm_epsilon, cross_attention, dtypes, ...),
+  and the call's `full_attention_length` and `decode` (fields, so that they
+  stay static under rematerialisation).
   """
   num_heads: int
   mlp_dim: int
@@ -163,6 +231,14 @@ class DecoderBlock(nn.Module):
   full_attention_length: int = 0
   decode: bool = False
   activation: str = "gelu"
+  norm: str = "layer"
+  gated_mlp: bool = False
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  attention_bias: bool = True
+  mlp_bias: bool = True
+  rotary_base: float = 10000.0
+  rotary_llama3: tuple[float, float, float, int] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -170,12 +246,13 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, positions, valid, context=None, context_valid=None,
                train: bool = False):
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: nn.LayerNorm(self.layer_norm_epsilon, name=name,
-                                     **precision)
+    norm = lambda name: norm_layer(self.norm, self.layer_norm_epsilon, name,
+                                   **precision)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     x = x + drop(CausalSelfAttention(
         self.num_heads, self.max_length, self.positions, self.dropout,
-        name="attention", **precision)(
+        self.num_kv_heads, self.head_dim, self.attention_bias,
+        self.rotary_base, self.rotary_llama3, name="attention", **precision)(
             norm("norm_attention")(x), positions, valid,
             full_attention_length=self.full_attention_length,
             decode=self.decode, train=train))
@@ -190,7 +267,8 @@ class DecoderBlock(nn.Module):
                       mask=mask)
       x = x + drop(zero_masked(update, jnp.any(context_valid, -1)))
     ffn = FeedForward(self.mlp_dim, self.dropout, name="mlp",
-                      activation=self.activation, **precision)
+                      activation=self.activation, gated=self.gated_mlp,
+                      use_bias=self.mlp_bias, **precision)
     return x + drop(ffn(norm("norm_mlp")(x), train=train))
 
 
@@ -212,8 +290,21 @@ class TextDecoder(nn.Module):
     cross_attention: every block cross-attends to `context`.
     activation: the feed-forward's, a `mmjax.models.layers.ACTIVATIONS`
       name ("gelu_tanh" for GPT-2's "gelu_new").
+    norm: "layer" (LayerNorm) or "rms" (RMSNorm, Llama).
+    gated_mlp: a gated feed-forward (`FeedForward(gated=True)`; SwiGLU with
+      activation "silu").
+    num_kv_heads: key/value heads of grouped-query attention; None: num_heads.
+    head_dim: per-head width; None: width / num_heads.
+    attention_bias, mlp_bias: biases of the attention projections and of
+      the feed-forward (GPT-2: both; Llama: neither).
+    rotary_base, rotary_llama3: the rotary frequencies' base (Llama's
+      rope_theta) and Llama 3.1's rescaling (`rotary_frequencies`).
+    tie_embeddings: the output head is the token embedding (`embed.attend`);
+      False: a separate "lm_head" [D, V] without bias (Llama).
     remat: a `mmjax.models.layers.REMAT_POLICIES` name for the blocks.
     dtype, param_dtype: compute and parameter dtypes; the logits are float32.
+
+  The defaults are GPT-2's architecture.
   """
   vocab_size: int
   width: int
@@ -226,6 +317,15 @@ class TextDecoder(nn.Module):
   layer_norm_epsilon: float = 1e-5
   cross_attention: bool = False
   activation: str = "gelu"
+  norm: str = "layer"
+  gated_mlp: bool = False
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  attention_bias: bool = True
+  mlp_bias: bool = True
+  rotary_base: float = 10000.0
+  rotary_llama3: tuple[float, float, float, int] | None = None
+  tie_embeddings: bool = True
   remat: str = NO_REMAT
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -301,15 +401,24 @@ class TextDecoder(nn.Module):
     # (nothing is differentiated there; the parameters are the same).
     block = DecoderBlock if decode else remat(DecoderBlock, self.remat)
     gated_blocks = gated_blocks or {}
+    llama3 = None if self.rotary_llama3 is None else tuple(self.rotary_llama3)
     for i in range(self.num_layers):
       if i in gated_blocks:
         x = gated_blocks[i](x, gated_context, gated_valid, train=train)
       x = block(self.num_heads, self.mlp_dim, self.max_length, self.positions,
                 self.dropout, self.layer_norm_epsilon, self.cross_attention,
-                full_attention_length, decode, self.activation,
-                name=f"layer_{i}", **precision)(x, positions, valid, context, context_valid,
-                             train)
-    x = nn.LayerNorm(self.layer_norm_epsilon, name="norm_out", **precision)(x)
+                full_attention_length, decode, self.activation, self.norm,
+                self.gated_mlp, self.num_kv_heads, self.head_dim,
+                self.attention_bias, self.mlp_bias, self.rotary_base,
+                llama3, name=f"layer_{i}", **precision)(
+                    x, positions, valid, context, context_valid, train)
+    x = norm_layer(self.norm, self.layer_norm_epsilon, "norm_out",
+                   **precision)(x)
     if prefix is not None:
       x = x[:, prefix.shape[1]:]
-    return embed.attend(x).astype(jnp.float32)
+    if self.tie_embeddings:
+      return embed.attend(x).astype(jnp.float32)
+    head = nn.Dense(self.vocab_size, use_bias=False, name="lm_head",
+                    kernel_init=partitioned(nn.initializers.normal(0.02),
+                                            EMBED, None), **precision)
+    return head(x).astype(jnp.float32)

@@ -299,12 +299,13 @@ def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
 
 
 # Feed-forward activations by name: the exact (erf) GELU of BERT and ViT,
-# its tanh approximation (GPT-2's "gelu_new", SigLIP's "gelu_pytorch_tanh")
-# and CLIP's sigmoid approximation.
+# its tanh approximation (GPT-2's "gelu_new", SigLIP's "gelu_pytorch_tanh"),
+# CLIP's sigmoid approximation and the SiLU of Llama's SwiGLU (x sigmoid(x)).
 ACTIVATIONS = {
     "gelu": functools.partial(nn.gelu, approximate=False),
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),
     "quick_gelu": quick_gelu,
+    "silu": nn.silu,
 }
 
 
@@ -323,27 +324,38 @@ class FeedForward(nn.Module):
   activation is an `ACTIVATIONS` name: the exact (erf) GELU by default.
   Kernels [D, F] ("embed", "mlp") and [F, D] ("mlp", "embed"), biases [F]
   and [D] (`partitioned`): tensor parallelism splits the hidden units.
+
+  `gated=True` is a gated linear unit (Shazeer, "GLU Variants Improve
+  Transformer", 2020; with "silu" the SwiGLU of PaLM and Llama):
+  dense_1(act(dense_0(x)) * dense_up(x)), "dense_up" a second [D, F]
+  projection. `use_bias=False` drops the three biases (Llama).
   """
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   activation: str = "gelu"
+  gated: bool = False
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     width = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype,
+                              use_bias=self.use_bias)
     kernel, bias = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
-    hidden = dense(self.mlp_dim, name="dense_0",
-                   kernel_init=partitioned(kernel, EMBED, MLP_AXIS),
-                   bias_init=partitioned(bias, MLP_AXIS))(x)
-    x = activation_fn(self.activation)(hidden)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    hidden = lambda name: dense(
+        self.mlp_dim, name=name,
+        kernel_init=partitioned(kernel, EMBED, MLP_AXIS),
+        bias_init=partitioned(bias, MLP_AXIS))(x)
+    y = activation_fn(self.activation)(hidden("dense_0"))
+    if self.gated:
+      y = y * hidden("dense_up")
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
     return dense(width, name="dense_1",
                  kernel_init=partitioned(kernel, MLP_AXIS, EMBED),
-                 bias_init=partitioned(bias, EMBED))(x)
+                 bias_init=partitioned(bias, EMBED))(y)
 
 
 class TransformerBlock(nn.Module):
