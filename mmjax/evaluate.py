@@ -1,10 +1,13 @@
-"""Evaluates the latest checkpoint of a run: `python -m mmjax.evaluate`.
+"""Evaluates a run's result: `python -m mmjax.evaluate`.
 
   python -m mmjax.evaluate --config configs/avmnist.py[:ARGS] --workdir DIR \
       [--config.KEY=VALUE ...]
 
 Prints one JSON object, {"step": N, "eval/<dataset>/<evaluator>/<metric>":
 value, ...}, for every split in `config.eval_splits` (names as in training).
+The result is the state `config.select_best` selected (`<workdir>/best`,
+`mmjax.selection`; N is its step, the final row's `selected_step`), and
+without a selection the latest checkpoint.
 A multi-host evaluation (`--coordinator ...`, or a cluster JAX detects, as
 for `mmjax.train`) runs the same command on every process; process 0
 prints.
@@ -16,15 +19,16 @@ from collections.abc import Sequence
 
 import jax
 
-from mmjax import checkpoint, cli, experiment, rundir
+from mmjax import checkpoint, cli, experiment, rundir, selection
 from mmjax.errors import UsageError
 
 
-def restore_latest(config, workdir: str):
+def restore_result(config, workdir: str):
   """(run, state): the run of `config` built for evaluation
-  (`experiment.build(training=False)`) and the latest checkpoint in
-  `workdir` restored into it; UsageError if the run's config differs in a
-  key that matters or there is no checkpoint."""
+  (`experiment.build(training=False)`) and its result restored into it: the
+  selected state (`selection.restore_selected`), else the latest checkpoint
+  in `workdir`; UsageError if the run's config differs in a key that
+  matters or there is no checkpoint."""
   rundir.check_resume(workdir, config.to_dict())  # the run's own model
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   try:
@@ -34,12 +38,12 @@ def restore_latest(config, workdir: str):
     state, _ = ckpt.restore(run.state)
   finally:
     ckpt.close()
-  return run, state
+  return run, selection.restore_selected(config, workdir, state)
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Restores the latest checkpoint in `workdir` and evaluates every split."""
-  run, state = restore_latest(config, workdir)
+  """Restores the run's result in `workdir` and evaluates every split."""
+  run, state = restore_result(config, workdir)
   return {"step": int(state.step), **run.evaluate(state)}
 
 

@@ -4,7 +4,8 @@
       [--split test] [--image FILE.png] [--audio FILE.wav] [--prompt TEXT] \
       [--num_examples N] [--config.KEY=VALUE ...]
 
-Restores the latest checkpoint in DIR and decodes with the config's
+Restores the run's result in DIR (the state `config.select_best` selected,
+else the latest checkpoint; `mmjax.evaluate.restore_result`) and decodes with the config's
 `generation` options (greedy, beam or sample; `--config.generation.method=
 beam` changes them). Over a split (default: the config's first eval split)
 it writes one JSON line per example to
@@ -138,7 +139,7 @@ def generate(config, workdir: str, options: dict) -> tuple[pathlib.Path,
     raise UsageError(f"config key 'objective': {config.objective} models do "
                      f"not generate text ({', '.join(objectives.GENERATIVE)} "
                      "do)")
-  run, state = evaluate.restore_latest(config, workdir)
+  run, state = evaluate.restore_result(config, workdir)
   tokenizer = pipeline.text_tokenizer(config)
   method = experiment.generation_options(config, tokenizer).get(
       "method", "greedy")

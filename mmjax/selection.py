@@ -103,6 +103,21 @@ class BestCheckpoint:
     self._manager.close()
 
 
+def restore_selected(config, workdir: str, state):
+  """The state `config.select_best` selected in `workdir` (restored into the
+  shapes and shardings of `state`), or `state` itself when the config
+  selects nothing or the run has kept no selection yet."""
+  spec = config.get("select_best")
+  if (spec is None or not spec.metric
+      or not (pathlib.Path(workdir) / "best").is_dir()):
+    return state
+  selector = BestCheckpoint(workdir, spec.metric, spec.mode)
+  try:
+    return state if selector.best_step is None else selector.selected(state)
+  finally:
+    selector.close()
+
+
 def build(config, workdir: str):
   """`BestCheckpoint` for `config.select_best.metric`, else `NoSelection`."""
   spec = config.get("select_best")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import configs, experiment, selection, train
+from mmjax import configs, evaluate, experiment, selection, train
 from mmjax.errors import UsageError
 
 METRIC = "eval/avmnist_val[:64]/classification/loss"
@@ -92,6 +92,10 @@ def test_the_final_row_evaluates_the_selected_state(tmp_path, avmnist_data_dir,
   for key, value in worst.items():  # the restored state evaluates the same
     if key.startswith("eval/"):
       assert final[key] == pytest.approx(value, abs=1e-6), key
+  # `mmjax.evaluate` evaluates the selected state too.
+  again = evaluate.evaluate(config, str(tmp_path / "whole"))
+  assert again["step"] == worst["step"]
+  assert again[METRIC] == pytest.approx(final[METRIC], abs=1e-6)
 
   # Stopped after the step-4 checkpoint, before its evaluation: the same
   # command evaluates step 4 first and ends with the same selection.
