@@ -20,7 +20,8 @@ Arguments (comma list after the colon):
                without momentum, weight decay 1e-4 as an L2 gradient on every
                parameter (torch.optim.SGD's), a constant rate, 30 epochs,
                validation every epoch and the test figures of the epoch with
-               the best validation accuracy (`select_best`).
+               the best validation accuracy (`select_best`); the LeNets'
+               convolutions start as MultiBench's (He uniform).
   epochs=N     with `multibench`: N epochs of 1,375 steps instead of 30.
   optimizer=NAME  adamw (AdamW 1e-3, the default) or sgd (SGD with momentum
                0.9, learning rate 0.01, weight decay 1e-4: OGM-GE's
@@ -209,3 +210,6 @@ def set_multibench_recipe(config, epochs: int, smoke: bool):
   config.optimizer.schedule = "constant"
   config.optimizer.warmup_steps = 0
   config.select_best.metric = "eval/avmnist_val/classification/accuracy"
+  for encoder in config.model.encoders.values():  # kaiming_uniform_
+    if encoder.name == "lenet":
+      encoder.kernel_init = "he_uniform"

@@ -20,6 +20,10 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   return reduce(x[:, :h, :w], "b (h 2) (w 2) c -> b h w c", "max")
 
 
+CONV_INITS = {"lecun_normal": nn.initializers.lecun_normal,
+              "he_uniform": nn.initializers.he_uniform}
+
+
 class LeNet(nn.Module):
   """The LeNet-style encoder of the MultiBench AV-MNIST recipes.
 
@@ -40,10 +44,14 @@ class LeNet(nn.Module):
 
   Convolutions compute in `dtype` (the output is `dtype`; BatchNorm
   statistics and running averages in float32), parameters in `param_dtype`.
+  `kernel_init` names their initialiser: "lecun_normal" (flax's default) or
+  "he_uniform", MultiBench's (`nn.init.kaiming_uniform_`: U(+-sqrt(6 /
+  fan_in))).
   """
   features: int = 6
   extra_layers: int = 3
   final_pool: bool = True
+  kernel_init: str = "lecun_normal"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -51,10 +59,14 @@ class LeNet(nn.Module):
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     if x.ndim == 3:
       x = x[..., None]
+    if self.kernel_init not in CONV_INITS:
+      raise ValueError(f"LeNet kernel_init {self.kernel_init!r} is not one of "
+                       f"{', '.join(CONV_INITS)}")
     for i in range(self.extra_layers + 1):
       size = 5 if i == 0 else 3
       x = nn.Conv(self.features * 2**i, (size, size), padding="SAME",
-                  use_bias=False, dtype=self.dtype,
+                  use_bias=False, kernel_init=CONV_INITS[self.kernel_init](),
+                  dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f"conv_{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        dtype=self.dtype, param_dtype=self.param_dtype,
