@@ -58,6 +58,19 @@ def test_lenet_recipe_shapes():
   assert out.shape == (2, 9, 48)
 
 
+def test_lenet_he_uniform_init_is_multibenchs():
+  # kaiming_uniform_: U(-b, b), b = sqrt(6 / fan_in), fan_in = 3 * 3 * 6.
+  variables = LeNet(6, 3, kernel_init="he_uniform").init(
+      jax.random.key(0), jnp.zeros((1, 28, 28)), train=False)
+  kernel = np.asarray(variables["params"]["conv_1"]["kernel"])
+  bound = np.sqrt(6 / 54)
+  assert np.abs(kernel).max() <= bound
+  assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.1)
+  with pytest.raises(ValueError, match="kernel_init 'torch'"):
+    LeNet(kernel_init="torch").init(jax.random.key(0), jnp.zeros((1, 28, 28)),
+                                    train=False)
+
+
 @pytest.mark.parametrize("shape", [(2, 28, 28, 6), (2, 7, 7, 3), (1, 3, 6, 2)])
 def test_max_pool_2x2_matches_reduce_window(shape):
   # Values and gradients of flax's reduce_window pooling, odd sides floored.
