@@ -47,3 +47,35 @@ def avmnist_data_dir(tmp_path_factory, subset_source) -> str:
   for name in ("avmnist", "avmnist/clean"):
     builders.get_builder(name, str(data_dir), source_dir=str(source))
   return str(data_dir)
+
+
+@pytest.fixture
+def frozen_lm_flamingo(tmp_path):
+  """Trains `configs/coco_mini_captioning.py:model=flamingo,<lm>=DIR,smoke`
+  for 6 steps (past the smoke warm-up of 5) and checks that the pretrained
+  decoder stayed frozen while every tanh gate of the `num_layers` gated
+  blocks, initialised at 0, moved. Call as (config argument "gpt2=DIR" or
+  "llama=DIR", the decoder's loaded parameters, num_layers); returns the
+  run's config."""
+  # pylint: disable-next=import-outside-toplevel
+  import jax
+  from mmjax import configs, train  # pylint: disable=import-outside-toplevel
+
+  def run(argument: str, decoder_params, num_layers: int):
+    config = configs.load_config(
+        f"configs/coco_mini_captioning.py:model=flamingo,{argument},smoke")
+    config.total_steps = 6
+    config.generation.max_new_tokens = 4
+    config.eval_splits = ("test[:8]",)
+    config.eval_batch_size = 8  # over the 8 test devices
+    config.data_dir = str(tmp_path / "tfds")
+    state, metrics = train.train(config, str(tmp_path / "run"))
+    assert 0 <= metrics["eval/coco_mini_test[:8]/captioning/CIDEr-D"]
+    params = jax.device_get(state.params)
+    jax.tree.map(np.testing.assert_array_equal, params["decoder"],
+                 decoder_params)
+    gates = [params[f"gated_xattn_{i}"][f"alpha_{g}"]
+             for i in range(num_layers) for g in ("xattn", "dense")]
+    assert all(g != 0 for g in gates), gates
+    return config
+  return run

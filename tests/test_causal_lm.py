@@ -352,10 +352,8 @@ def test_shifted_gpt2_gives_gpt2s_logits_one_column_up(numpy_checkpoint):
   np.testing.assert_array_equal(moved[..., 0], 0.0)  # padding's zero row
 
 
-def test_flamingo_captioner_on_a_frozen_gpt2_through_the_trainer(tmp_path,
-                                                                 bpe):
-  # pylint: disable-next=import-outside-toplevel
-  from mmjax import configs, train
+def test_flamingo_captioner_on_a_frozen_gpt2_through_the_trainer(
+    tmp_path, bpe, frozen_lm_flamingo):
   # A GPT-2 checkpoint directory: the BPE above and random GPT-2 tensors of
   # its vocabulary.
   vocab = HuggingFaceTokenizer(bpe / "tokenizer.json").vocab_size
@@ -364,20 +362,6 @@ def test_flamingo_captioner_on_a_frozen_gpt2_through_the_trainer(tmp_path,
       tmp_path / "gpt2", gpt2_tensors(np.random.default_rng(2), hf_config),
       hf_config)
   shutil.copy(bpe / "tokenizer.json", directory)
-  config = configs.load_config(
-      f"configs/coco_mini_captioning.py:model=flamingo,gpt2={directory},smoke")
+  config = frozen_lm_flamingo(f"gpt2={directory}",
+                              load_gpt2(directory, id_offset=1)[1], LAYERS)
   assert config.model.bos_id == vocab  # <|endoftext|> (id vocab - 1) + 1
-  config.total_steps = 6  # past the smoke warm-up of 5
-  config.generation.max_new_tokens = 4
-  config.eval_splits = ("test[:8]",)
-  config.eval_batch_size = 8  # over the 8 test devices
-  config.data_dir = str(tmp_path / "tfds")
-  state, metrics = train.train(config, str(tmp_path / "run"))
-  assert 0 <= metrics["eval/coco_mini_test[:8]/captioning/CIDEr-D"]
-  params = jax.device_get(state.params)
-  _, gpt2 = load_gpt2(directory, id_offset=1)
-  jax.tree.map(np.testing.assert_array_equal, params["decoder"], gpt2)
-  # The gated blocks learnt: their tanh gates, initialised at 0, moved.
-  gates = [params[f"gated_xattn_{i}"][f"alpha_{g}"]
-           for i in range(LAYERS) for g in ("xattn", "dense")]
-  assert all(g != 0 for g in gates), gates

@@ -274,26 +274,10 @@ def test_llama_tokenizer_convention(llama_dir):
   assert tokenizer.decode(ids) == ["a cat sat", ""]
 
 
-def test_flamingo_captioner_on_a_frozen_llama_through_the_trainer(tmp_path,
-                                                                  llama_dir):
-  # pylint: disable-next=import-outside-toplevel
-  from mmjax import configs, train
-  config = configs.load_config(
-      f"configs/coco_mini_captioning.py:model=flamingo,llama={llama_dir},"
-      "smoke")
+def test_flamingo_captioner_on_a_frozen_llama_through_the_trainer(
+    llama_dir, frozen_lm_flamingo):
+  config = frozen_lm_flamingo(f"llama={llama_dir}",
+                              load_llama(llama_dir, id_offset=1)[1], LAYERS)
   assert config.model.bos_id == 1          # <s> (id 0) + 1
   assert config.model.decoder.max_length == 160
   assert config.text.tokenizer == f"llama:{llama_dir}"
-  config.total_steps = 6  # past the smoke warm-up of 5
-  config.generation.max_new_tokens = 4
-  config.eval_splits = ("test[:8]",)
-  config.eval_batch_size = 8  # over the 8 test devices
-  config.data_dir = str(tmp_path / "tfds")
-  state, metrics = train.train(config, str(tmp_path / "run"))
-  assert 0 <= metrics["eval/coco_mini_test[:8]/captioning/CIDEr-D"]
-  params = jax.device_get(state.params)
-  _, llama = load_llama(llama_dir, id_offset=1)
-  jax.tree.map(np.testing.assert_array_equal, params["decoder"], llama)
-  gates = [params[f"gated_xattn_{i}"][f"alpha_{g}"]
-           for i in range(LAYERS) for g in ("xattn", "dense")]
-  assert all(g != 0 for g in gates), gates
