@@ -18,7 +18,8 @@ Arguments (comma list after the colon):
                avmnist_simple_late_fusion.py`, `training_structures/
                Supervised_Learning.py`): batch 40, SGD learning rate 0.1
                without momentum, weight decay 1e-4 as an L2 gradient on every
-               parameter (torch.optim.SGD's), a constant rate, 30 epochs,
+               parameter (torch.optim.SGD's), the gradient's global norm
+               clipped at 8, a constant rate, 30 epochs,
                validation every epoch and the test figures of the epoch with
                the best validation accuracy (`select_best`); the LeNets'
                convolutions start as MultiBench's (He uniform).
@@ -196,8 +197,9 @@ def get_config(arg=None):
 
 
 def set_multibench_recipe(config, epochs: int, smoke: bool):
-  """MultiBench's AV-MNIST training: SGD 0.1, L2 1e-4, batch 40, an epoch
-  of 55,000 / 40 = 1,375 steps, the best validation epoch's state."""
+  """MultiBench's AV-MNIST training: SGD 0.1, L2 1e-4, gradient norm
+  clipped at 8, batch 40, an epoch of 55,000 / 40 = 1,375 steps, the best
+  validation epoch's state; He-uniform LeNet convolutions."""
   config.batch_size = 40
   steps_per_epoch = 55_000 // config.batch_size
   config.total_steps = 40 if smoke else epochs * steps_per_epoch
@@ -209,6 +211,7 @@ def set_multibench_recipe(config, epochs: int, smoke: bool):
   config.optimizer.no_decay = ""  # torch decays every parameter
   config.optimizer.schedule = "constant"
   config.optimizer.warmup_steps = 0
+  config.optimizer.grad_clip_norm = 8.0  # train(..., clip_val=8)
   config.select_best.metric = "eval/avmnist_val/classification/accuracy"
   for encoder in config.model.encoders.values():  # kaiming_uniform_
     if encoder.name == "lenet":
