@@ -54,8 +54,8 @@ setuptools.setup(
         # without it. tfds 4.9.10 prepares only with importlib_resources
         # installed (tensorflow/datasets#11212).
         "tensorflow": ["tensorflow-cpu==2.21.*", "importlib_resources"],
-        # References for the pretrained-weight parity tests (GPT-2 built
-        # locally by transformers); mmjax itself never imports torch. The
+        # References for the pretrained-weight parity tests (GPT-2 and Llama
+        # built locally by transformers); mmjax itself never imports torch. The
         # CPU build: pip install torch==2.13.0 --index-url
         # https://download.pytorch.org/whl/cpu
         "convert": ["torch>=2.13", "transformers>=5", "safetensors>=0.4",
