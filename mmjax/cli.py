@@ -160,7 +160,7 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
   `error: <message>` on stderr, 2. An exception type in `errors` prints its
   message the same way and returns its status. KeyboardInterrupt (SIGINT,
   also when the process was started with SIGINT ignored, as a shell does for
-  a background job): 130. JAX's persistent compilation cache is on
+  a background job): 130; the caller's SIGINT handler is back on return. JAX's persistent compilation cache is on
   (`mmjax.hardware.enable_compilation_cache`). A program with the
   multi-host flags starts `jax.distributed` first where they or the
   environment describe a cluster (`mmjax.distributed.initialize`).
@@ -171,7 +171,7 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
     return 0
   global _interrupted  # pylint: disable=global-statement
   _interrupted = False
-  signal.signal(signal.SIGINT, _on_sigint)
+  previous_handler = signal.signal(signal.SIGINT, _on_sigint)
   quiet_libraries()
   from mmjax import hardware  # pylint: disable=import-outside-toplevel
   errors = {UsageError: 2, **(errors or {})}
@@ -186,3 +186,6 @@ def main(run: Callable[[Sequence[str]], int | None], program: Program,
     return next(code for kind, code in errors.items() if isinstance(e, kind))
   except KeyboardInterrupt:
     return INTERRUPTED
+  finally:  # a caller (a notebook, a test) gets its SIGINT handling back
+    signal.signal(signal.SIGINT, previous_handler)
+    _interrupted = False

@@ -111,6 +111,11 @@ def test_a_sigint_whose_keyboardinterrupt_python_drops_still_stops():
     return 0
 
   program = cli.Program("x", "usage: x", {}, required=())
+  handler = signal.getsignal(signal.SIGINT)
   assert cli.main(run, program, []) == cli.INTERRUPTED
   assert dropped  # the KeyboardInterrupt did go to the finaliser
   assert cli.main(lambda _: cli.raise_if_interrupted(), program, []) == 0
+  # Nothing is left behind for the caller: its handler, no interrupt.
+  assert signal.getsignal(signal.SIGINT) is handler
+  assert cli.main(run, program, []) == cli.INTERRUPTED
+  cli.raise_if_interrupted()
