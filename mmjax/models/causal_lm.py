@@ -294,8 +294,6 @@ def convert_llama(state: Mapping[str, Any], config: Mapping[str, Any],
     raise ValueError("checkpoint tensor 'lm_head.weight' differs from "
                      "'embed_tokens.weight' although config.json has "
                      "tie_word_embeddings")
-  elif has_head:
-    state["lm_head.weight"]  # pylint: disable=pointless-statement
   state.check_all_read(f"TextDecoder(**{dict(config)}) (config.json's "
                        "num_hidden_layers, attention_bias or mlp_bias?)")
   return params
