@@ -41,6 +41,9 @@ def main():
     harness.emit(harness.step_row(f"avmnist/{fusion}", "mmjax", ms,
                                   args.batch, step.flops,
                                   num_params=step.num_params))
+    if args.xla_defaults:
+      harness.emit_xla_defaults_row(f"avmnist/{fusion}", config, batch,
+                                    args.iters)
     if not torch:
       continue
     model = torch_lenet.AvMnistClassifier(MODALITIES[fusion])

@@ -86,6 +86,8 @@ def main():
     harness.emit(harness.step_row(name, "mmjax", ms, args.batch, step.flops,
                                   num_params=step.num_params,
                                   loss=round(loss, 5), **shape))
+    if args.xla_defaults:
+      harness.emit_xla_defaults_row(name, config, batch, args.iters, **shape)
     if not torch:
       continue
     model = torch_transformers.contrastive_model(

@@ -129,6 +129,8 @@ def main():
     harness.emit(harness.step_row(name, "mmjax", ms, args.batch, step.flops,
                                   num_params=step.num_params,
                                   loss=round(loss, 5)))
+    if args.xla_defaults:
+      harness.emit_xla_defaults_row(name, config, batch, args.iters)
     if not torch:
       continue
     model = torch_model(fusion, config, tokens)

@@ -64,9 +64,12 @@ class MmjaxStep:
   `run()` takes one step (forward, backward, optimizer update) from the same
   initial state every call and blocks until it is done; `flops` is XLA's
   count for one step; `num_params` the model's parameter count.
+  `compiler_options`: XLA's (`{}`: its defaults), by default mmjax's
+  (`mmjax.hardware.compiler_options`).
   """
 
-  def __init__(self, config, batch: dict, run=None):
+  def __init__(self, config, batch: dict, run=None,
+               compiler_options: dict | None = None):
     if run is None:
       mesh = parallel.make_mesh(config.mesh_devices, config.get("mesh"))
       model = experiment.build_model(config)
@@ -83,7 +86,7 @@ class MmjaxStep:
     self.batch = jax.device_put(batch, parallel.batch_sharding(mesh))
     self.compiled, self.flops = train.compile_train_step(
         config, model, tx, method, mesh, shardings, state, self.batch,
-        donate=False)
+        donate=False, compiler_options=compiler_options)
     self.num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   def run(self):
@@ -95,11 +98,26 @@ class MmjaxStep:
 
 
 def parser(doc: str, batch: int) -> argparse.ArgumentParser:
-  """The flags every step benchmark has: --batch and --iters."""
+  """The flags every step benchmark has: --batch, --iters and
+  --xla-defaults."""
   p = argparse.ArgumentParser(description=doc.splitlines()[0])
   p.add_argument("--batch", type=int, default=batch)
   p.add_argument("--iters", type=int, default=ITERS)
+  p.add_argument("--xla-defaults", action="store_true",
+                 help="also time mmjax's step compiled with XLA's default "
+                 "options instead of mmjax's (framework 'mmjax/xla-defaults')")
   return p
+
+
+def emit_xla_defaults_row(name: str, config, batch: dict, iters: int,
+                          **extra):
+  """Times and emits mmjax's step for `config` compiled with XLA's default
+  options: beside the 'mmjax' row, what `mmjax.hardware.compiler_options`
+  is worth."""
+  step = MmjaxStep(config, batch, compiler_options={})
+  ms = time_ms(step.run, iters=iters)
+  emit(step_row(name, "mmjax/xla-defaults", ms, len(next(iter(batch.values()))),
+                step.flops, num_params=step.num_params, **extra))
 
 
 def import_torch():

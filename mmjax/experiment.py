@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax import (checkpoint, configs, evaluators, methods, objectives,
-                   parallel, registry, results, rundir, selection)
+from mmjax import (checkpoint, configs, evaluators, hardware, methods,
+                   objectives, parallel, registry, results, rundir, selection)
 from mmjax.data import builders, pipeline
 from mmjax.errors import UsageError
 from mmjax.models import (causal_lm, clip, generative, gpt2_config,
@@ -417,7 +417,7 @@ def make_predict_fn(model, generation=None):
   if generation is not None:
     return jax.jit(lambda state, batch: {"tokens": generative.generate(
         model, {"params": state.params, "batch_stats": state.batch_stats},
-        batch, **generation)})
+        batch, **generation)}, compiler_options=hardware.compiler_options())
 
   def predict(state: TrainState, batch: dict) -> dict:
     outputs, extra = model.apply(
@@ -429,7 +429,7 @@ def make_predict_fn(model, generation=None):
       if key in sown:
         out[key] = sown[key][0]
     return out
-  return jax.jit(predict)
+  return jax.jit(predict, compiler_options=hardware.compiler_options())
 
 
 # -------------------------------------------------------------------- run ---

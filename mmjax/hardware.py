@@ -55,6 +55,24 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+# XLA:CPU options mmjax compiles its train, evaluation and generation steps
+# with, unless XLA_FLAGS sets them. jaxlib 0.10 sends elementwise and
+# reduction fusions to YNNPACK by default; on the AV-MNIST LeNet steps that is
+# 1.4 to 1.8x slower than XLA's own fused loops (benchmarks/README.md).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options() -> dict[str, str]:
+  """Options for `jax.jit(..., compiler_options=...)` on this backend:
+  `CPU_COMPILER_OPTIONS` on the CPU, less any that $XLA_FLAGS names (the
+  user's flags win); nothing on accelerators."""
+  if jax.default_backend() != "cpu":
+    return {}
+  flags = os.environ.get("XLA_FLAGS", "")
+  return {k: v for k, v in CPU_COMPILER_OPTIONS.items()
+          if f"--{k}" not in flags}
+
+
 def describe() -> dict:
   """The machine and library versions, for benchmark rows."""
   device = jax.devices()[0]

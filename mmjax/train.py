@@ -141,20 +141,25 @@ def make_train_step(model, tx, objective, method=None, *,
 
 
 def compile_train_step(config, model, tx, method, mesh, shardings, state,
-                       batch, *, donate: bool = True):
+                       batch, *, donate: bool = True,
+                       compiler_options: dict | None = None):
   """(compiled step, FLOPs per step): `make_train_step` for `config`
   (objective, `grad_accum_steps`) jitted with the state's `shardings` and
   the batch split over `mesh`, compiled for (state, batch), and XLA's count
   of one step's FLOPs over all devices. `donate`: the step reuses the input
   state's buffers (the trainer; a benchmark that reruns one state does not).
+  `compiler_options`: XLA's, by default `hardware.compiler_options()`.
   """
+  if compiler_options is None:
+    compiler_options = hardware.compiler_options()
   objective = objectives.objective_of(config, mesh)
   accum = config.get("grad_accum_steps", 1)
   step_fn = jax.jit(
       make_train_step(model, tx, objective, method, grad_accum_steps=accum,
                       mesh=mesh),
       in_shardings=(shardings, parallel.batch_sharding(mesh)),
-      out_shardings=(shardings, None), donate_argnums=(0,) if donate else ())
+      out_shardings=(shardings, None), donate_argnums=(0,) if donate else (),
+      compiler_options=compiler_options)
   compiled = step_fn.lower(state, batch).compile()
   flops = metric_writers.compiled_flops(compiled, mesh.size)
   if accum > 1:  # XLA counts a loop's body once: count the step without

@@ -57,3 +57,28 @@ def test_a_chosen_cache_directory_is_kept(tmp_path):
                                "JAX_COMPILATION_CACHE_DIR": str(chosen)}
                               ) == str(chosen)
   assert any(chosen.iterdir()) and not (tmp_path / "mmjax" / "jax").exists()
+
+
+def test_compiler_options_turn_ynnpack_fusions_off_unless_xla_flags_say(
+    monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert hardware.compiler_options() == {
+      "xla_cpu_experimental_ynn_fusion_type": ""}
+  monkeypatch.setenv("XLA_FLAGS",
+                     "--xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert hardware.compiler_options() == {}
+
+
+def test_xla_honours_the_compiler_options_per_computation(monkeypatch):
+  """XLA's default (YNNPACK fusions) puts YNNPACK fusions in the compiled
+  computation; with mmjax's options there are none."""
+  import jax
+  import jax.numpy as jnp
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  f = lambda x: jnp.tanh(x * 2.0 + 1.0).sum(0)
+  x = jnp.ones((64, 256))
+  texts = {name: jax.jit(f, compiler_options=opts).lower(x).compile().as_text()
+           for name, opts in [("xla", {}),
+                              ("mmjax", hardware.compiler_options())]}
+  assert "ynn" in texts["xla"].lower()
+  assert "ynn" not in texts["mmjax"].lower()

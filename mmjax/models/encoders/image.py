@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange, reduce
 
+from mmjax.models import conv
 from mmjax.models.clip_config import CLIP_MEAN, CLIP_STD
 from mmjax.models.precision import Dtype
 
@@ -66,6 +67,7 @@ class LeNet(nn.Module):
       size = 5 if i == 0 else 3
       x = nn.Conv(self.features * 2**i, (size, size), padding="SAME",
                   use_bias=False, kernel_init=CONV_INITS[self.kernel_init](),
+                  conv_general_dilated=conv.conv_general_dilated,
                   dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f"conv_{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
