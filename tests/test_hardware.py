@@ -63,15 +63,15 @@ def test_compiler_options_turn_ynnpack_fusions_off_unless_xla_flags_say(
     monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   assert hardware.compiler_options() == {
-      "xla_cpu_experimental_ynn_fusion_type": ""}
+      "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
   monkeypatch.setenv("XLA_FLAGS",
                      "--xla_cpu_experimental_ynn_fusion_type=reduce")
   assert hardware.compiler_options() == {}
 
 
 def test_xla_honours_the_compiler_options_per_computation(monkeypatch):
-  """XLA's default (YNNPACK fusions) puts YNNPACK fusions in the compiled
-  computation; with mmjax's options there are none."""
+  """XLA's default puts an elementwise-and-reduce computation in a
+  YNNPACK fusion; with mmjax's options (YNNPACK for dots only) it does not."""
   import jax
   import jax.numpy as jnp
   monkeypatch.delenv("XLA_FLAGS", raising=False)

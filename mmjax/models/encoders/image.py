@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from einops import rearrange, reduce
 
-from mmjax.models import conv
+from mmjax.models import conv, norm
 from mmjax.models.clip_config import CLIP_MEAN, CLIP_STD
 from mmjax.models.precision import Dtype
 
@@ -70,9 +70,9 @@ class LeNet(nn.Module):
                   conv_general_dilated=conv.conv_general_dilated,
                   dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f"conv_{i}")(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"bn_{i}")(x)
+      x = norm.BatchNorm(use_running_average=not train, momentum=0.9,
+                         dtype=self.dtype, param_dtype=self.param_dtype,
+                         name=f"bn_{i}")(x)
       x = nn.relu(x)
       if i < self.extra_layers or self.final_pool:
         x = max_pool_2x2(x)
