@@ -58,8 +58,8 @@ def cpu_count() -> int:
 # XLA:CPU options mmjax compiles its train, evaluation and generation steps
 # with, unless XLA_FLAGS sets them. jaxlib 0.10 sends elementwise, reduction
 # and dot fusions to YNNPACK by default; the first two make the AV-MNIST
-# LeNet steps 2.3-2.6x slower than XLA's own fused loops, so only dot
-# fusions stay with YNNPACK (benchmarks/README.md).
+# LeNet steps 1.6x slower than XLA's own fused loops, so only dot fusions
+# stay with YNNPACK (benchmarks/README.md).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 

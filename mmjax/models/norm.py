@@ -14,9 +14,10 @@ and the backward pass (g = dL/dy; sums over the n rows):
 
 XLA:CPU turns a large reduction into a `reduce-window` tree that cannot
 fuse its operand, so `sum(x * x)` and `sum(g * x)` first write the whole
-product to memory: 9 ms each for the AV-MNIST spectrogram LeNet's first
-[128, 112, 112, 6] feature map, against about 4 ms for the same sums as the
-diagonal of a [c, n] x [n, c] matrix product. This module computes the
+product to memory and then reduces it: 9 ms each for the AV-MNIST
+spectrogram LeNet's first [128, 112, 112, 6] feature map, against 5-7 ms
+for the same sums as the diagonal of a [c, n] x [n, c] matrix product; the
+train step is 4-8% faster (benchmarks/README.md). This module computes the
 forward and a custom backward by the formulas above, with both sums as Gram
 diagonals for c <= `GRAM_MAX_CHANNELS` (beyond, the Gram matrix would cost c
 times the work, and they are elementwise products and sums).
