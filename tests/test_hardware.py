@@ -59,7 +59,7 @@ def test_a_chosen_cache_directory_is_kept(tmp_path):
   assert any(chosen.iterdir()) and not (tmp_path / "mmjax" / "jax").exists()
 
 
-def test_compiler_options_turn_ynnpack_fusions_off_unless_xla_flags_say(
+def test_compiler_options_keep_ynnpack_for_dots_only_unless_xla_flags_say(
     monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   assert hardware.compiler_options() == {

@@ -22,16 +22,6 @@ from jax import lax
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _is_nhwc(dimension_numbers) -> bool:
-  if dimension_numbers is None:
-    return False
-  if isinstance(dimension_numbers, tuple) and all(
-      isinstance(d, str) for d in dimension_numbers):
-    return tuple(dimension_numbers) == NHWC
-  return tuple(dimension_numbers) == tuple(
-      lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), NHWC))
-
-
 def _single_channel_path(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count) -> bool:
   ones = lambda d: d is None or all(v == 1 for v in d)
@@ -39,7 +29,9 @@ def _single_channel_path(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
           and lhs.shape[-1] == 1 and rhs.shape[2] == 1
           and feature_group_count == 1 and ones(window_strides)
           and ones(lhs_dilation) and ones(rhs_dilation)
-          and _is_nhwc(dimension_numbers))
+          and lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                         dimension_numbers)
+          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
 
 
 def _shifted_sum(lhs, rhs, pads):
