@@ -40,8 +40,8 @@ QUESTIONS = {
     for fam, templates in qa.TEMPLATES.items()}
 
 
-def _build(data_dir, source=SOURCE):
-  b = qa.DigitsQa(config=SMALL, data_dir=str(data_dir),
+def _build(data_dir, source=SOURCE, config=SMALL):
+  b = qa.DigitsQa(config=config, data_dir=str(data_dir),
                   source_dir=str(source), file_format="array_record")
   b.download_and_prepare(file_format="array_record")
   return b
@@ -165,6 +165,10 @@ def test_constants_and_registration():
   assert default.builder_config.name == "default"
   assert [default.builder_config.size(s) for s in qa.SPLITS] == [
       20_000, 1_000, 2_000, 1_000]
+  assert "digits_qa/large" in builders.known_names()
+  large = {c.short_name: c for c in qa.DigitsQa.BUILDER_CONFIGS}["large"]
+  assert large.name == "large_train60000" and large.short_name == "large"
+  assert [large.size(s) for s in qa.SPLITS] == [60_000, 1_000, 2_000, 1_000]
 
 
 def test_vocabulary_is_what_the_families_produce():
@@ -304,7 +308,27 @@ def test_deterministic(records, tmp_path_factory):
         np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_a_larger_train_split_leaves_the_other_splits_unchanged(
+    records, tmp_path_factory):
+  """What makes the `large` config's test figures comparable with the
+  default's: only the train split depends on train_size."""
+  config = qa.DigitsQaConfig(name="small", train_size=480, val_size=50,
+                             test_size=100, compositional_size=50)
+  other = _records(_build(tmp_path_factory.mktemp("qa_480"), config=config))
+  assert len(other["train"]) == 480
+  for split in ("val", "test", "test_compositional"):
+    for x, y in zip(records[split], other[split], strict=True):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+
+
 # -------------------------------------------------------------------- errors
+
+
+def test_a_split_too_large_for_tfds_without_tensorflow_is_named():
+  with pytest.raises(UsageError, match=r"train has 100000 examples; a split "
+                     r"holds 1 to 68,089"):
+    qa.DigitsQaConfig(name="huge", train_size=100_000)
 
 
 def test_corrupted_mnist_names_the_file(tmp_path):
