@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import contrastive_step  # noqa: E402  pylint: disable=wrong-import-position
 import fusion_step  # noqa: E402  pylint: disable=wrong-import-position
+import lenet_layers  # noqa: E402  pylint: disable=wrong-import-position
 import torch_transformers  # noqa: E402  pylint: disable=wrong-import-position
 
 # The twins agree to ~1e-6 in float32; at 1e-4 the tanh-approximate GELU
@@ -119,3 +120,23 @@ def test_fusion_twin_matches_mmjax(fusion, kwargs):
     twin_logits = twin({k: torch.from_numpy(v) for k, v in batch.items()
                         if k != "label"})
   assert _max_diff(logits, twin_logits) < TOLERANCE
+
+
+def test_lenet_layer_benchmark_times_the_same_operations():
+  """benchmarks/lenet_layers.py: each layer's forward, input gradient and
+  filter gradient are the same numbers in both frameworks (NHWC / NCHW)."""
+  rng = np.random.default_rng(0)
+  nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)
+  for x_shape, w_shape in lenet_layers.layer_shapes(batch=2):
+    x = rng.normal(size=x_shape).astype(np.float32)
+    w = rng.normal(size=w_shape).astype(np.float32)
+    ours = lenet_layers.mmjax_ops(x, w)
+    theirs = lenet_layers.torch_ops(torch, x, w)
+    expected = {"forward": nchw, "input_grad": nchw,
+                "filter_grad": lambda a: np.asarray(a).transpose(3, 2, 0, 1)}
+    for op, (fn, args) in ours.items():
+      got = theirs[op]()
+      got = got if op == "forward" else got[op == "filter_grad"]
+      want = expected[op](fn(*args))
+      np.testing.assert_allclose(got.numpy(), want, rtol=1e-4,
+                                 atol=1e-4 * np.abs(want).max(), err_msg=op)
