@@ -18,7 +18,7 @@
 #
 # The 14 fusions of `mmjax/models/fusion` on `avmnist` (MultiBench's AV-MNIST
 # protocol, `configs/avmnist.py:grid`: LeNet encoders giving 9 tokens per
-# modality, an MLP head), one short budget for all, seeds 0, 1 and 2. Test
+# modality, an MLP head), one epoch for all (430 steps of 128), seeds 0, 1 and 2. Test
 # accuracy (mean and standard deviation over the seeds) with both modalities
 # and with each removed at test time.
 #
