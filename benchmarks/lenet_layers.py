@@ -13,8 +13,6 @@ with mmjax's compiler options; PyTorch's is `F.conv2d` (NCHW, the layout of
 gradient at a time. The first layer's input gradient is not timed: the
 train step never computes it (its input is data). One JSON row per layer
 and operation with both times and `speed_vs_torch` (PyTorch ms / mmjax ms).
-These are the parts of the train step that a profile of the whole step
-attributes least reliably (`benchmarks/README.md`).
 """
 
 import jax
@@ -24,7 +22,6 @@ import harness
 from mmjax import hardware
 from mmjax.models import conv
 
-NHWC = ("NHWC", "HWIO", "NHWC")
 SIZE, FEATURES, LAYERS = 112, 6, 6  # configs/avmnist.py SPECTROGRAM_LENET
 
 
@@ -41,7 +38,7 @@ def layer_shapes(batch: int):
 def mmjax_ops(x, w):
   """{op: (jitted function, its arguments)} for one convolution."""
   forward = lambda x, w: conv.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+      x, w, (1, 1), "SAME", dimension_numbers=conv.NHWC)
   dy = np.ones(jax.eval_shape(forward, x, w).shape, np.float32)
   input_grad = lambda x, w, dy: jax.vjp(lambda x: forward(x, w), x)[1](dy)[0]
   filter_grad = lambda x, w, dy: jax.vjp(lambda w: forward(x, w), w)[1](dy)[0]

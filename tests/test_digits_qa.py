@@ -298,14 +298,18 @@ def test_audio_is_an_fsdd_recording_from_the_split(records, fsdd_lookup):
   assert not (takes["train"] | takes["val"]) & takes["test"]
 
 
+def _assert_same_records(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_deterministic(records, tmp_path_factory):
   again = _records(_build(tmp_path_factory.mktemp("qa_again")))
   assert again.keys() == records.keys()
   for split, recs in records.items():
-    for x, y in zip(recs, again[split], strict=True):
-      assert x.keys() == y.keys()
-      for k in x:
-        np.testing.assert_array_equal(x[k], y[k])
+    _assert_same_records(recs, again[split])
 
 
 def test_a_larger_train_split_leaves_the_other_splits_unchanged(
@@ -317,9 +321,7 @@ def test_a_larger_train_split_leaves_the_other_splits_unchanged(
   other = _records(_build(tmp_path_factory.mktemp("qa_480"), config=config))
   assert len(other["train"]) == 480
   for split in ("val", "test", "test_compositional"):
-    for x, y in zip(records[split], other[split], strict=True):
-      for k in x:
-        np.testing.assert_array_equal(x[k], y[k])
+    _assert_same_records(records[split], other[split])
 
 
 # -------------------------------------------------------------------- errors
