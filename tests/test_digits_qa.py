@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import pathlib
 import re
 
 import numpy as np
@@ -344,3 +345,28 @@ def test_corrupted_mnist_names_the_file(tmp_path):
   msg = str(ei.value)
   assert "\n" not in msg and str(bad) in msg
   assert not (tmp_path / "tfds" / "digits_qa" / SMALL.name / "1.0.0").exists()
+
+
+def test_count_errors_scores_the_count_and_the_repeat_shortcut(small):
+  """experiments/digits_qa/count_errors.py against its rules restated: the
+  true answers score 1 on the count; answering the multiplicity of the
+  grid's most frequent digit scores 1 on that and, on the count, the
+  fraction of count questions where the two agree."""
+  from mmjax import configs  # pylint: disable=import-outside-toplevel
+  script = configs.load_module(
+      pathlib.Path(__file__).parents[1] / "experiments/digits_qa/count_errors.py")
+  source = small.as_data_source()["test"]
+  records = source.__getitems__(list(range(len(source))))
+  count = [e for e in records if qa.FAMILIES[e["family"]] == "count"]
+  assert count
+  repeats = [str(max(collections.Counter(e["digits"].tolist()).values()))
+             for e in records]
+  truth = script.count_errors([e["answer"].decode() for e in records], records)
+  assert truth["questions"] == len(count)
+  assert truth["answers_the_count"] == 1.0
+  assert sum(map(sum, truth["confusion"].values())) == len(count)
+  shortcut = script.count_errors(repeats, records)
+  agree = np.mean([r == e["answer"].decode() for r, e in zip(repeats, records)
+                   if qa.FAMILIES[e["family"]] == "count"])
+  assert shortcut["answers_the_most_frequent_digits_multiplicity"] == 1.0
+  assert shortcut["answers_the_count"] == round(float(agree), 4)
