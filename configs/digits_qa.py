@@ -40,6 +40,9 @@ Arguments (comma list after the colon):
   cells=DIR   image=cells: the workdir of a finished configs/mnist.py run,
               whose LeNet the cells start from, locked (the vision encoder
               pretrained apart, as in Flamingo and PaLI).
+  registers=N  generative models but flamingo: N learned tokens appended to
+              the media, always valid (`GenerativeModel.registers`: attention
+              sinks, which let softmax attention count); default 0.
   data=large  the `large` build: 60,000 training questions instead of
               20,000, the same val and test records (metrics are named
               eval/digits_qa_large_<split>/...).
@@ -98,7 +101,8 @@ QUESTION = {"name": "bert", "vocab_size": common.BYTE_VOCAB_SIZE,
 
 def get_config(arg=None):
   args = common.parse_arg(arg, model="prefix", lm="", image="grid", cells="",
-                          data="default", smoke=False, seed=0, steps=3000)
+                          data="default", registers=0, smoke=False, seed=0,
+                          steps=3000)
   if args.model not in GENERATIVE and args.model not in CLASSIFIERS:
     raise UsageError(f"config argument model={args.model}: known "
                      f"{', '.join(GENERATIVE + tuple(CLASSIFIERS))}")
@@ -110,6 +114,9 @@ def get_config(arg=None):
     raise UsageError(f"config argument data={args.data}: default or large")
   if args.lm and args.model != "flamingo":
     raise UsageError("config argument lm needs model=flamingo")
+  if args.registers and args.model not in ("prefix", "cross_attention"):
+    raise UsageError("config argument registers needs model=prefix or "
+                     "model=cross_attention")
   config = ml_collections.ConfigDict()
   config.seed = args.seed
   generative = args.model in GENERATIVE
@@ -149,6 +156,7 @@ def get_config(arg=None):
     config.model.bos_id = 1  # ByteTokenizer's end id starts each answer
     config.model.num_latents = 16
     config.model.xattn_every = 1
+    config.model.registers = args.registers
     common.set_generation(config, max_new_tokens=16)
   else:
     config.objective = "supervised"

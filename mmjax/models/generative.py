@@ -79,6 +79,15 @@ class GenerativeModel(nn.Module):
     num_latents, resampler_layers: the Perceiver resampler's (flamingo).
     xattn_every: a gated block before every n-th decoder block (flamingo;
       Flamingo-3B/9B/80B use 1, 4 and 7).
+    registers: learned tokens [R, D] appended to every example's media
+      (prefix and cross_attention), always valid: the registers of Darcet
+      et al., "Vision Transformers Need Registers", ICLR 2024, here as
+      attention sinks (Xiao et al., "Efficient Streaming Language Models
+      with Attention Sinks", ICLR 2024; PyTorch's `add_bias_kv`). Softmax
+      attention normalises its weights over the media, so a query that
+      matches one media token cannot tell it from two matching tokens
+      unless some token takes the rest of the weight; a register can, which
+      lets the decoder count (e.g. digits_qa's "how many 4s?"). 0: none.
     num_heads: heads of the resampler and gated blocks.
     dtype, param_dtype: compute and parameter dtypes.
   """
@@ -91,6 +100,7 @@ class GenerativeModel(nn.Module):
   num_latents: int = 16
   resampler_layers: int = 2
   xattn_every: int = 1
+  registers: int = 0
   num_heads: int = 4
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -115,6 +125,13 @@ class GenerativeModel(nn.Module):
       self.modality_embedding = self.param(
           "modality_embedding_table", nn.initializers.normal(0.02),
           (len(names), width), self.param_dtype)
+    if self.registers and (self.conditioning == "flamingo" or not names):
+      raise ValueError("registers need media and conditioning 'prefix' or "
+                       "'cross_attention'")
+    if self.registers:
+      self.register_tokens = self.param(
+          "register_tokens", nn.initializers.normal(0.02),
+          (self.registers, width), self.param_dtype)
     if self.conditioning == "flamingo":
       self.resampler = PerceiverResampler(
           num_latents=self.num_latents, num_layers=self.resampler_layers,
@@ -131,8 +148,8 @@ class GenerativeModel(nn.Module):
 
     Returns (media [B, M, D], valid [B, M] bool): every modality's projected
     tokens plus its modality embedding, concatenated in sorted modality
-    order, zero and invalid where the modality is missing (prefix and
-    cross_attention); with flamingo the resampler's latents [B, L, D], valid
+    order, zero and invalid where the modality is missing, then the
+    `registers` (prefix and cross_attention); with flamingo the resampler's latents [B, L, D], valid
     where the example has any modality.
     """
     names = sorted(self.modalities)
@@ -151,6 +168,12 @@ class GenerativeModel(nn.Module):
       tokens.append(zero_masked(x, present))
       valid.append(jnp.broadcast_to(present[:, None], x.shape[:2]))
     if self.conditioning != "flamingo":
+      if self.registers:
+        size = tokens[0].shape[0]
+        tokens.append(jnp.broadcast_to(
+            self.register_tokens.astype(self.dtype),
+            (size,) + self.register_tokens.shape))
+        valid.append(jnp.ones((size, self.registers), bool))
       return jnp.concatenate(tokens, 1), jnp.concatenate(valid, 1)
     length = max(t.shape[1] for t in tokens)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1]))
