@@ -14,6 +14,7 @@ from mmjax.models import factory
 from mmjax.models.coca import CoCa
 from mmjax.data import pipeline
 from mmjax.data.builders import digits_qa
+from mmjax.errors import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A tiny model: 4 image tokens, a 1-layer decoder, 12 steps.
@@ -105,6 +106,14 @@ def test_digits_qa_config_names_the_builders_families_and_answers():
   spec = configs.load_config("configs/digits_qa.py:model=classifier")
   assert tuple(spec.evaluators.vqa.families) == digits_qa.FAMILIES
   assert tuple(spec.evaluators.vqa.answers) == digits_qa.ANSWERS
+
+
+def test_digits_qa_registers_reach_the_model_and_refuse_flamingo():
+  spec = configs.load_config(
+      "configs/digits_qa.py:model=cross_attention,registers=2")
+  assert spec.model.registers == 2
+  with pytest.raises(UsageError, match="registers needs model=prefix"):
+    configs.load_config("configs/digits_qa.py:model=flamingo,registers=1")
 
 
 def test_tokenize_fields_shortens_and_keeps_the_end_token():

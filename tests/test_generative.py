@@ -17,11 +17,12 @@ DECODER = dict(vocab_size=VOCAB, width=16, num_layers=3, num_heads=2,
 IMAGE = {"name": "lenet", "features": 4, "extra_layers": 1}  # 7x7 tokens
 
 
-def make_model(conditioning: str, modalities=("image",), **decoder):
+def make_model(conditioning: str, modalities=("image",), registers=0,
+               **decoder):
   return factory.build_generative(
       modalities=modalities, encoders={"image": IMAGE, "audio": IMAGE},
       decoder={**DECODER, **decoder}, conditioning=conditioning,
-      num_latents=4, xattn_every=2, num_heads=2)
+      num_latents=4, xattn_every=2, num_heads=2, registers=registers)
 
 
 def make_batch(size: int = 3, seed: int = 0, prompt: bool = True) -> dict:
@@ -69,11 +70,13 @@ def test_rotary_matches_a_numpy_reference_and_keeps_relative_positions():
   assert dot(2, 7) == pytest.approx(dot(10, 15), rel=1e-4)
 
 
-@pytest.mark.parametrize("conditioning,positions", [
-    ("prefix", "learned"), ("prefix", "rotary"),
-    ("cross_attention", "learned"), ("flamingo", "rotary")])
-def test_cached_decoding_equals_full_recomputation(conditioning, positions):
-  model = make_model(conditioning, positions=positions)
+@pytest.mark.parametrize("conditioning,positions,registers", [
+    ("prefix", "learned", 0), ("prefix", "rotary", 0), ("prefix", "learned", 2),
+    ("cross_attention", "learned", 0), ("cross_attention", "learned", 2),
+    ("flamingo", "rotary", 0)])
+def test_cached_decoding_equals_full_recomputation(conditioning, positions,
+                                                   registers):
+  model = make_model(conditioning, positions=positions, registers=registers)
   batch = make_batch()
   variables = init(model, batch)
   if conditioning == "flamingo":  # open the gates, or nothing is tested
@@ -150,6 +153,36 @@ def test_prefix_conditioning_ignores_missing_media_and_prompt_padding():
   present["image"] = batch["image"].at[0].set(7.0)  # example 0 has it
   assert not np.allclose(model.apply(variables, present)["logits"][0],
                          logits[0])
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "cross_attention"])
+def test_registers_follow_the_media_and_stay_valid_without_them(conditioning):
+  model = make_model(conditioning, registers=3)
+  batch = make_batch()
+  variables = init(model, batch)
+  registers = variables["params"]["register_tokens"]
+  assert registers.shape == (3, DECODER["width"])
+  media, valid = model.apply(variables, batch, method=model.encode)
+  assert media.shape == (3, 49 + 3, DECODER["width"])
+  np.testing.assert_array_equal(media[:, 49:],
+                                np.broadcast_to(registers, (3, 3, 16)))
+  # Example 2 has no image: its image tokens are invalid, its registers not.
+  np.testing.assert_array_equal(valid[:, 49:], True)
+  np.testing.assert_array_equal(valid[:, :49].all(1), [True, True, False])
+  # The decoder attends to them, even where every modality is missing.
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 1.0 if "register" in jax.tree_util.keystr(p) else x,
+      variables)
+  logits = model.apply(variables, batch)["logits"]
+  assert not np.allclose(model.apply(moved, batch)["logits"][2], logits[2])
+
+
+def test_registers_need_media_tokens_that_the_decoder_reads_directly():
+  batch = make_batch()
+  for model in (make_model("flamingo", registers=1),
+                make_model("prefix", modalities=(), registers=1)):
+    with pytest.raises(ValueError, match="registers need media"):
+      init(model, batch)
 
 
 def test_text_logits_are_causal():
