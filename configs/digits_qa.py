@@ -156,7 +156,8 @@ def get_config(arg=None):
     config.model.bos_id = 1  # ByteTokenizer's end id starts each answer
     config.model.num_latents = 16
     config.model.xattn_every = 1
-    config.model.registers = args.registers
+    if args.registers:  # (absent otherwise: earlier runs resume as they were)
+      config.model.registers = args.registers
     common.set_generation(config, max_new_tokens=16)
   else:
     config.objective = "supervised"
