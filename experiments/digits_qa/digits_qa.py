@@ -28,9 +28,11 @@
 # split and on `test_compositional` (family x digit combinations held out of
 # training), and test accuracy with the audio or the image removed.
 #
-# Sweep: `bash experiments/digits_qa/sweep.sh DIR`; reads
-# `$MMJAX_RESULTS/results.json` and `$MMJAX_RESULTS/flamingo/results.json`
-# (default: the results committed here).
+# Sweep: `bash experiments/digits_qa/sweep.sh DIR`; reads the results.json
+# of `$MMJAX_RESULTS` and of its `flamingo`, `cells` and `cells/registers`
+# (default: the results committed here): the 1500-step runs over the image
+# LeNet's grid of tokens, then the 6000-step runs of the large build over
+# the cell tokens of a locked MNIST LeNet.
 
 # %%
 import os
@@ -48,11 +50,30 @@ FAMILIES = ("digit_at", "count", "sum", "compare", "spoken", "spoken_in_grid",
 TWO_MODALITIES = ("spoken_in_grid", "where_spoken", "spoken_plus")
 ORDER = ("question_only", "image_question", "classifier", "lm", "prefix",
          "cross_attention", "flamingo")
-rows = [r for d in (RESULTS, RESULTS / "flamingo") if (d / "results.json").exists()
-        for r in load_results(d) if r["status"] == "ok"]
-rows.sort(key=lambda r: ORDER.index(r["model"]))
-print(f"{len(rows)} finished runs of {rows[0]['total_steps']} steps of "
-      f"{rows[0]['batch_size']} on {rows[0]['machine']}")
+
+
+def finished(*dirs):
+  """The finished rows of the sweeps in `dirs`, in ORDER of their model."""
+  rows = [r for d in dirs if (d / "results.json").exists()
+          for r in load_results(d) if r["status"] == "ok"]
+  return sorted(rows, key=lambda r: (ORDER.index(r["model"]),
+                                     r.get("registers", 0)))
+
+
+def label(row):
+  registers = row.get("registers", 0)
+  return row["model"] + (f", {registers} register" if registers else "")
+
+
+sweeps = {"grid tokens": finished(RESULTS, RESULTS / "flamingo"),
+          "cell tokens": finished(RESULTS / "cells",
+                                  RESULTS / "cells" / "registers")}
+for name, rows in sweeps.items():
+  # (machine and wall time are the sweep's records: none for a run that
+  # was trained before the sweep adopted its directory)
+  machines = sorted({r["machine"] or "machine not recorded" for r in rows})
+  print(f"{name}: {len(rows)} finished runs of {rows[0]['total_steps']} "
+        f"steps of {rows[0]['batch_size']} on {', '.join(machines)}")
 
 
 def datasets(row):
@@ -70,36 +91,40 @@ def accuracy(row, dataset, evaluator="vqa", name="accuracy"):
 
 
 # %%
-print("| model | test | " + " | ".join(FAMILIES) +
-      " | compositional | without audio | without image | train examples/s |")
-print("|---" * (len(FAMILIES) + 6) + "|")
-for r in rows:
-  test, comp = datasets(r)
-  families = [cell(accuracy(r, test, name=f"accuracy/{f}"), ".1f")
-              for f in FAMILIES]
-  missing = [cell(accuracy(r, test, "missing_modality",
-                           f"without_{m}/accuracy"), ".1f")
-             for m in ("audio", "image")]
-  print(f"| {r['model']} | {cell(accuracy(r, test), '.1f')} | "
-        + " | ".join(families)
-        + f" | {cell(accuracy(r, comp), '.1f')} | " + " | ".join(missing)
-        + f" | {cell(r['examples_per_sec'])} |")
+for name, rows in sweeps.items():
+  print(f"\n{name}\n")
+  print("| model | test | " + " | ".join(FAMILIES) + " | compositional | "
+        "without audio | without image | train examples/s | wall time (s) |")
+  print("|---" * (len(FAMILIES) + 7) + "|")
+  for r in rows:
+    test, comp = datasets(r)
+    families = [cell(accuracy(r, test, name=f"accuracy/{f}"), ".1f")
+                for f in FAMILIES]
+    missing = [cell(accuracy(r, test, "missing_modality",
+                             f"without_{m}/accuracy"), ".1f")
+               for m in ("audio", "image")]
+    print(f"| {label(r)} | {cell(accuracy(r, test), '.1f')} | "
+          + " | ".join(families)
+          + f" | {cell(accuracy(r, comp), '.1f')} | " + " | ".join(missing)
+          + f" | {cell(r['examples_per_sec'])} | {cell(r['wall_time_s'])} |")
 
 # %%
-fig, ax = plt.subplots(figsize=(10, 3.6))
-width = 0.8 / len(rows)
+fig, axes = plt.subplots(len(sweeps), 1, figsize=(10, 3.4 * len(sweeps)))
 x = np.arange(len(FAMILIES))
-for i, r in enumerate(rows):
-  test, _ = datasets(r)
-  values = [accuracy(r, test, name=f"accuracy/{f}") or 0 for f in FAMILIES]
-  ax.bar(x + i * width, values, width, label=r["model"])
-ax.set_xticks(x + width * (len(rows) - 1) / 2, FAMILIES, rotation=20)
-for j, family in enumerate(FAMILIES):
-  if family in TWO_MODALITIES:
-    ax.axvspan(j - 0.1, j + 0.9, color="0.92", zorder=-1)
-ax.set_ylabel("test accuracy (%)")
-ax.set_ylim(0, 100)
-ax.legend(fontsize=7, ncol=4)
-ax.set_title("per question family (shaded: needs image and audio)")
+for ax, (name, rows) in zip(axes, sweeps.items()):
+  width = 0.8 / len(rows)
+  for i, r in enumerate(rows):
+    test, _ = datasets(r)
+    values = [accuracy(r, test, name=f"accuracy/{f}") or 0 for f in FAMILIES]
+    ax.bar(x + i * width, values, width, label=label(r))
+  ax.set_xticks(x + width * (len(rows) - 1) / 2, FAMILIES, rotation=20)
+  for j, family in enumerate(FAMILIES):
+    if family in TWO_MODALITIES:
+      ax.axvspan(j - 0.1, j + 0.9, color="0.92", zorder=-1)
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.legend(fontsize=7, ncol=4)
+  ax.set_title(f"{name}, {rows[0]['total_steps']} steps: per question family "
+               "(shaded: needs image and audio)")
 fig.tight_layout()
 fig.savefig(FIGURES / "digits_qa.png", dpi=120)

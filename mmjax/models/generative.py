@@ -84,10 +84,12 @@ class GenerativeModel(nn.Module):
       et al., "Vision Transformers Need Registers", ICLR 2024, here as
       attention sinks (Xiao et al., "Efficient Streaming Language Models
       with Attention Sinks", ICLR 2024; PyTorch's `add_bias_kv`). Softmax
-      attention normalises its weights over the media, so a query that
-      matches one media token cannot tell it from two matching tokens
-      unless some token takes the rest of the weight; a register can, which
-      lets the decoder count (e.g. digits_qa's "how many 4s?"). 0: none.
+      attention normalises its weights over the media: a query that picks
+      out the tokens showing one digit reads the same mixture whether one or
+      two show it, and some mixture even when none does, unless another
+      token keeps a share of the weight. A register keeps it whatever the
+      image, which is what counting (digits_qa's "how many 4s?") and
+      noticing an absence need. 0: none.
     num_heads: heads of the resampler and gated blocks.
     dtype, param_dtype: compute and parameter dtypes.
   """
@@ -149,8 +151,8 @@ class GenerativeModel(nn.Module):
     Returns (media [B, M, D], valid [B, M] bool): every modality's projected
     tokens plus its modality embedding, concatenated in sorted modality
     order, zero and invalid where the modality is missing, then the
-    `registers` (prefix and cross_attention); with flamingo the resampler's latents [B, L, D], valid
-    where the example has any modality.
+    `registers` (prefix and cross_attention); with flamingo the resampler's
+    latents [B, L, D], valid where the example has any modality.
     """
     names = sorted(self.modalities)
     if not names:  # a text-only language model
