@@ -10,11 +10,12 @@
 source "$(dirname "$0")/../sweep_common.sh"
 GRID="model=prefix,classifier,lm,question_only,image_question,cross_attention"
 STEPS=1500
-CELLS="data=large,steps=6000" CELL_GRID="model=classifier,cross_attention"
+CELLS="data=large,steps=6000"
+CELL_GRID="model=classifier,prefix,cross_attention"
 MNIST=configs/mnist.py
 if [[ $SMOKE == 1 ]]; then
   GRID="model=prefix,lm" STEPS=3
-  CELLS="steps=3" CELL_GRID="model=classifier" MNIST=configs/mnist.py:steps=3
+  CELLS="steps=3" CELL_GRID="model=classifier" MNIST=configs/mnist.py:smoke
 fi
 PY="${PYTHON:-python3}"
 run() {  # run CONFIG_ARGS SWEEP_ARGS...
