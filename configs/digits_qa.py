@@ -41,8 +41,9 @@ Arguments (comma list after the colon):
               whose LeNet the cells start from, locked (the vision encoder
               pretrained apart, as in Flamingo and PaLI).
   registers=N  generative models but flamingo: N learned tokens appended to
-              the media, always valid (`GenerativeModel.registers`: attention
-              sinks, which let softmax attention count); default 0.
+              the media, always valid (`GenerativeModel.registers`, attention
+              sinks; on the large build they did not help counting:
+              experiments/digits_qa); default 0.
   data=large  the `large` build: 60,000 training questions instead of
               20,000, the same val and test records (metrics are named
               eval/digits_qa_large_<split>/...).
