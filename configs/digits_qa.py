@@ -40,7 +40,7 @@ Arguments (comma list after the colon):
   cells=DIR   image=cells: the workdir of a finished configs/mnist.py run,
               whose LeNet the cells start from, locked (the vision encoder
               pretrained apart, as in Flamingo and PaLI).
-  registers=N  generative models but flamingo: N learned tokens appended to
+  registers=N  model=prefix or cross_attention: N learned tokens appended to
               the media, always valid (`GenerativeModel.registers`, attention
               sinks; on the large build they did not help counting:
               experiments/digits_qa); default 0.

@@ -127,10 +127,10 @@ class GenerativeModel(nn.Module):
       self.modality_embedding = self.param(
           "modality_embedding_table", nn.initializers.normal(0.02),
           (len(names), width), self.param_dtype)
-    if self.registers and (self.conditioning == "flamingo" or not names):
-      raise ValueError("registers need media and conditioning 'prefix' or "
-                       "'cross_attention'")
     if self.registers:
+      if self.conditioning == "flamingo" or not names:
+        raise ValueError("registers need media and conditioning 'prefix' "
+                         "or 'cross_attention'")
       self.register_tokens = self.param(
           "register_tokens", nn.initializers.normal(0.02),
           (self.registers, width), self.param_dtype)
