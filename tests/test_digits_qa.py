@@ -370,3 +370,36 @@ def test_count_errors_scores_the_count_and_the_repeat_shortcut(small):
                    if qa.FAMILIES[e["family"]] == "count"])
   assert shortcut["answers_the_most_frequent_digits_multiplicity"] == 1.0
   assert shortcut["answers_the_count"] == round(float(agree), 4)
+
+
+def test_digit_probe_substitutes_the_digit_and_scores_the_ten_answers(small):
+  """experiments/digits_qa/digit_probe.py: the substituted questions are
+  the templates filled with the new digit; answering every substitution
+  with its true count scores 1 on the count, and answering the original
+  question's count to all ten scores answer_unchanged 1 and, on the count,
+  the fraction of (digit, question) pairs where the two counts agree."""
+  from mmjax import configs  # pylint: disable=import-outside-toplevel
+  from mmjax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  script = configs.load_module(
+      pathlib.Path(__file__).parents[1] / "experiments/digits_qa/digit_probe.py")
+  source = small.as_data_source()["test"]
+  records = [e for e in source.__getitems__(list(range(len(source))))
+             if qa.FAMILIES[e["family"]] == "count"]
+  assert records
+  tokenizer = ByteTokenizer(64)
+  ids, _ = tokenizer([e["question"].decode() for e in records])
+  for d in range(10):
+    texts = tokenizer.decode(script.substitute_digit(ids, d, tokenizer.offset))
+    for text, e in zip(texts, records):
+      assert text == re.sub(r"\d", str(d), e["question"].decode())
+  counts = np.array([[str(e["digits"].tolist().count(d)) for e in records]
+                     for d in range(10)])
+  truth = script.score(counts, records)
+  assert truth["questions"] == len(records)
+  assert truth["answers"] == 10 * len(records)
+  assert truth["answers_the_count"] == 1.0
+  original = np.array([e["answer"].decode() for e in records])
+  same = script.score(np.tile(original, (10, 1)), records)
+  assert same["answer_unchanged"] == 1.0
+  assert same["answers_the_count"] == round(float(np.mean(
+      counts == original[None])), 4)
