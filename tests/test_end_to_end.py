@@ -169,15 +169,25 @@ def test_sigint_stops_at_a_checkpoint_also_when_the_parent_ignored_it(
 
 
 def test_sigint_during_a_checkpoint_save_is_delivered_after_it():
-  """An interrupt inside orbax's save can leave it hanging in `close`."""
-  handler, finished = signal.getsignal(signal.SIGINT), False
-  with pytest.raises(KeyboardInterrupt):
-    with checkpoint.sigint_held():
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.2)  # an unheld SIGINT raises here
-      finished = True
-  assert finished
-  assert signal.getsignal(signal.SIGINT) is handler
+  """An interrupt inside orbax's save can leave it hanging in `close`.
+
+  Python's own SIGINT handler is installed for the test (whatever an earlier
+  test left) and the signal is raised in this thread, so it arrives inside
+  the held block however loaded the machine is."""
+  assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []), (
+      "SIGINT is blocked in the main thread")
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  finished = False
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with checkpoint.sigint_held():
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.2)  # an unheld SIGINT raises here
+        finished = True
+    assert finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, outer)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
