@@ -21,6 +21,7 @@ import soundfile as sf
 
 from mmjax.data import builders
 from mmjax.data.builders import digits_qa as qa
+from mmjax.data.tokenizer import ByteTokenizer
 from mmjax.errors import UsageError
 
 SOURCE = builders.DEFAULT_SOURCE_DIR
@@ -379,7 +380,6 @@ def test_digit_probe_substitutes_the_digit_and_scores_the_ten_answers(small):
   question's count to all ten scores answer_unchanged 1 and, on the count,
   the fraction of (digit, question) pairs where the two counts agree."""
   from mmjax import configs  # pylint: disable=import-outside-toplevel
-  from mmjax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
   script = configs.load_module(
       pathlib.Path(__file__).parents[1] / "experiments/digits_qa/digit_probe.py")
   source = small.as_data_source()["test"]
