@@ -75,19 +75,20 @@ def probe(config, workdir: str, split: str) -> dict:
   answers = tuple(config.evaluators.vqa.to_dict().get("answers", ()))
   source = run.data_source(split)
   records = source.__getitems__(list(range(len(source))))
-  per_digit, start = [[] for _ in range(10)], 0
+  per_digit = [[] for _ in range(10)]
   sharding = parallel.batch_sharding(run.mesh)
-  for batch in run.eval_batches(source):
+  for batch in run.eval_batches(source):  # every example once, in order
     host = jax.device_get(batch)
     rows = np.flatnonzero(host["valid"] & (host["family"] == COUNT))
+    if not rows.size:
+      continue
     for d in range(10):
       ids = substitute_digit(host[field], d, tokenizer.offset)
       probed = {**batch, field: parallel.put_batch({field: ids},
                                                    sharding)[field]}
       out = answer(run, state, probed, tokenizer, answers)
       per_digit[d] += [out[i] for i in rows]
-    start += int(host["valid"].sum())
-  count = [r for r in records[:start] if r["family"] == COUNT]
+  count = [r for r in records if r["family"] == COUNT]
   return score(np.array(per_digit), count)
 
 
